@@ -1,0 +1,506 @@
+"""The Evochi worker: subclass, implement the hooks, `await worker.start()`.
+
+The API is the published evochi client's (`initialize`, `evaluate`, `optimize`,
+`on_stop`, `on_state_change`, `Eval.from_flat`), with the failures it had fixed:
+
+* hooks run in a thread (or are awaited when they are coroutines), so heartbeats keep
+  flowing while an evaluation takes minutes;
+* `start()` returns when the server sends stop or ends the stream, and raises a clear
+  `EvochiError` when the server is unreachable, refuses the worker or the stream breaks;
+  with `reconnect=` it rejoins (as a new worker that receives the state in hello);
+* results are checked before they are sent, so a wrong slice or a NaN reward is reported
+  where it was produced instead of as a remote INVALID_ARGUMENT;
+* states received from the network are decoded with an allow-list (see `codec`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+import logging
+import math
+import random
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from evochi.v1 import evochi_pb2 as pb
+from evochi.v1 import evochi_pb2_grpc as pb_grpc
+from evochi.v1.channel import insecure_channel
+from evochi.v1.codec import PickleZstdCodec, StateCodec
+from evochi.v1.errors import (
+    ProtocolError,
+    ServerUnavailableError,
+    StreamBrokenError,
+    SubscriptionRejectedError,
+)
+
+S = TypeVar("S")
+
+log = logging.getLogger("evochi.worker")
+
+# Codes on Subscribe that mean "this worker may not join", as opposed to "try again".
+_REJECTION_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+# Codes on a Finish* call meaning the server no longer wants this result (the task was
+# re-assigned after a timeout, or the epoch moved on): drop it and keep serving.
+_STALE_TASK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
+
+
+class Eval(NamedTuple):
+    """The rewards of one evaluated slice; ``len(rewards) == slice.stop - slice.start``."""
+
+    slice: slice
+    rewards: list[float]
+
+    @staticmethod
+    def from_flat(slices: Sequence[slice], rewards: Sequence[float]) -> list[Eval]:
+        """Splits one flat reward list, in slice order, into one `Eval` per slice."""
+        widths = [s.stop - s.start for s in slices]
+        if len(rewards) != sum(widths):
+            raise ValueError(
+                f"got {len(rewards)} rewards for slices totalling {sum(widths)} members"
+            )
+        evals, offset = [], 0
+        for s, width in zip(slices, widths, strict=True):
+            evals.append(Eval(s, [float(r) for r in rewards[offset : offset + width]]))
+            offset += width
+        return evals
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """Exponential backoff with jitter between reconnection attempts.
+
+    `max_attempts` counts consecutive failures; it resets once a session gets its hello.
+    None retries forever.
+    """
+
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        return base * random.uniform(0.8, 1.0)
+
+
+class Worker(abc.ABC, Generic[S]):
+    """A member of an Evochi training. Subclass it and implement the three hooks.
+
+    Args:
+        channel: a `grpc.aio` channel to the server, or its address ("host:port"), in
+            which case a channel with message limits fit for real states is made.
+        cores: how many population members this worker evaluates per task at most.
+        codec: how states become bytes; defaults to the published client's
+            ``zstd(pickle(state))`` with unpickling restricted to the state's own type
+            (taken from ``Worker[State]``) and plain data.
+        reconnect: rejoin after a lost connection; True uses the default backoff.
+        connect_timeout: seconds to wait for the server before raising
+            ServerUnavailableError (None waits forever).
+        join_token: the server's join token, when it requires one.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel | str,
+        cores: int,
+        *,
+        codec: StateCodec[S] | None = None,
+        reconnect: bool | ReconnectPolicy = False,
+        connect_timeout: float | None = 30.0,
+        join_token: str | None = None,
+    ) -> None:
+        if not isinstance(cores, int) or cores <= 0:
+            raise ValueError(f"cores must be a positive integer, got {cores!r}")
+        if isinstance(channel, str):
+            self._target = channel
+            channel = insecure_channel(channel)
+        else:
+            self._target = "the server"
+        self._channel = channel
+        self._stub = pb_grpc.EvochiServiceStub(channel)
+        self._cores = cores
+        self._codec: StateCodec[S] = (
+            codec if codec is not None else PickleZstdCodec(_state_types(type(self)))
+        )
+        if reconnect is True:
+            reconnect = ReconnectPolicy()
+        self._reconnect: ReconnectPolicy | None = reconnect or None
+        self._connect_timeout = connect_timeout
+        self._join_token = join_token
+
+        self._id: str | None = None
+        self._token: str | None = None
+        self._population_size: int | None = None
+        self._max_epochs: int | None = None
+        self._heartbeat_interval = 0
+        self._state: S | None = None
+        self._epoch = 0
+        self._closed = False
+        self._session: asyncio.Task[bool] | None = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def id(self) -> str:
+        """The id the server gave this worker in hello."""
+        if self._id is None:
+            raise RuntimeError("the worker has not joined a training yet")
+        return self._id
+
+    @property
+    def cores(self) -> int:
+        return self._cores
+
+    @property
+    def population_size(self) -> int:
+        if self._population_size is None:
+            raise RuntimeError("the worker has not joined a training yet")
+        return self._population_size
+
+    @property
+    def max_epochs(self) -> int:
+        """The training's epoch limit; 0 means none."""
+        if self._max_epochs is None:
+            raise RuntimeError("the worker has not joined a training yet")
+        return self._max_epochs
+
+    @property
+    def state(self) -> S:
+        if self._state is None:
+            raise RuntimeError("the worker has no state yet")
+        return self._state
+
+    @property
+    def ready(self) -> bool:
+        """True once the worker has joined (received hello)."""
+        return self._token is not None
+
+    @property
+    def heartbeat_interval(self) -> int:
+        return self._heartbeat_interval
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch this worker received a task for (0 before any)."""
+        return self._epoch
+
+    @property
+    def codec(self) -> StateCodec[S]:
+        return self._codec
+
+    # ---------------------------------------------------------------------- hooks
+    @abc.abstractmethod
+    def initialize(self) -> S:
+        """Builds the initial state. Called on the first worker of a training only."""
+
+    @abc.abstractmethod
+    def evaluate(self, epoch: int, slices: list[slice]) -> list[Eval]:
+        """Evaluates the population members in `slices`; one `Eval` per slice."""
+
+    @abc.abstractmethod
+    def optimize(self, epoch: int, rewards: list[float]) -> S:
+        """Updates the state from the whole population's rewards (index = member)."""
+
+    def on_stop(self, cancel: Callable[[], None]) -> None:
+        """Called when the server ends the training. `start()` returns after it.
+
+        `cancel` closes the stream at once; calling it is optional.
+        """
+
+    def on_state_change(self, state: S) -> None:
+        """Called whenever `self.state` is replaced (hello, initialize, optimize)."""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Joins the training and serves it until the server says stop.
+
+        Raises ServerUnavailableError, SubscriptionRejectedError, StreamBrokenError or
+        ProtocolError; any exception from a hook propagates unchanged.
+        """
+        if self._closed:
+            raise RuntimeError("the worker is closed")
+        attempt = 0
+        while True:
+            try:
+                await self._wait_for_server()
+                self._session = asyncio.ensure_future(self._run_session())
+                await self._session
+                return
+            except (ServerUnavailableError, StreamBrokenError) as exc:
+                if self._reconnect is None or self._closed:
+                    raise
+                attempt = 1 if self.ready else attempt + 1
+                self._forget_session()
+                limit = self._reconnect.max_attempts
+                if limit is not None and attempt > limit:
+                    raise
+                delay = self._reconnect.delay(attempt)
+                log.warning("%s; reconnecting in %.1fs (attempt %d)", exc, delay, attempt)
+                await asyncio.sleep(delay)
+            finally:
+                self._session = None
+
+    async def close(self) -> None:
+        """Leaves the training (the server re-assigns this worker's work) and closes
+        the channel. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._session is not None:
+            self._session.cancel()
+        await self._channel.close()
+
+    async def __aenter__(self) -> Worker[S]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- internals
+    def _forget_session(self) -> None:
+        self._id = self._token = None
+
+    async def _wait_for_server(self) -> None:
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout)
+        except TimeoutError:
+            raise ServerUnavailableError(
+                f"could not connect to {self._target} within {self._connect_timeout:g}s; "
+                "is the evochi server running and reachable?"
+            ) from None
+
+    async def _run_session(self) -> bool:
+        metadata = (("authorization", f"Bearer {self._join_token}"),) if self._join_token else None
+        call = self._stub.Subscribe(pb.SubscribeRequest(cores=self._cores), metadata=metadata)
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise _subscribe_error(exc, self._target) from exc
+            if first is grpc.aio.EOF:
+                raise StreamBrokenError("the server closed the stream before sending hello")
+            if first.type != pb.EVENT_TYPE_HELLO:
+                raise ProtocolError(f"expected hello as first event, got {_event_name(first)}")
+            await self._on_hello(first.hello)
+
+            heartbeats = asyncio.create_task(self._heartbeat_loop())
+            events = asyncio.create_task(self._event_loop(call))
+            done, _ = await asyncio.wait({heartbeats, events}, return_when="FIRST_COMPLETED")
+            if events not in done:  # heartbeats only end by failing
+                events.cancel()
+                heartbeats.result()
+            return events.result()
+        finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
+            call.cancel()
+
+    async def _event_loop(self, call: Any) -> bool:
+        """Serves events until stop (returns True) or the server ends the stream (False)."""
+        while True:
+            try:
+                event = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                raise StreamBrokenError(
+                    f"the event stream broke: {exc.code().name}: {exc.details()}", exc.code()
+                ) from exc
+            if event is grpc.aio.EOF:
+                log.info("the server ended the event stream")
+                return False
+            if await self._dispatch(event, call):
+                return True
+
+    async def _dispatch(self, event: pb.SubscribeResponse, call: Any) -> bool:
+        kind = event.type
+        if kind == pb.EVENT_TYPE_EVALUATE:
+            ev = event.evaluate
+            self._epoch = ev.epoch
+            slices = [slice(s.start, s.end) for s in ev.slices]
+            evals = await _call_hook(self.evaluate, ev.epoch, slices)
+            request = pb.FinishEvaluationRequest(
+                task_id=ev.task_id, evaluations=_to_evaluations(slices, evals)
+            )
+            await self._finish(self._stub.FinishEvaluation, request)
+        elif kind == pb.EVENT_TYPE_OPTIMIZE:
+            ev = event.optimize
+            self._epoch = ev.epoch
+            state = await _call_hook(self.optimize, ev.epoch, list(ev.rewards))
+            await self._set_state(state)
+            await self._finish(
+                self._stub.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
+            )
+        elif kind == pb.EVENT_TYPE_SHARE_STATE:
+            blob = await asyncio.to_thread(self._codec.encode, self.state)
+            await self._finish(
+                self._stub.FinishShareState,
+                pb.FinishShareStateRequest(task_id=event.share_state.task_id, state=blob),
+            )
+        elif kind == pb.EVENT_TYPE_INITIALIZE:
+            state = await _call_hook(self.initialize)
+            await self._set_state(state)
+            blob = await asyncio.to_thread(self._codec.encode, state)
+            await self._finish(
+                self._stub.FinishInitialization,
+                pb.FinishInitializationRequest(task_id=event.initialize.task_id, state=blob),
+            )
+        elif kind == pb.EVENT_TYPE_STOP:
+            log.info("the server stopped the training")
+            await _call_hook(self.on_stop, call.cancel)
+            return True
+        else:
+            # Newer servers may add events; ignoring unknown ones keeps old workers useful.
+            log.warning("ignoring unknown event %s", _event_name(event))
+        return False
+
+    async def _on_hello(self, hello: pb.HelloEvent) -> None:
+        self._id = hello.id
+        self._token = hello.token
+        self._population_size = hello.population_size
+        self._max_epochs = hello.max_epochs
+        self._heartbeat_interval = hello.heartbeat_interval
+        log.info(
+            "joined as worker %s (population %d, heartbeat every %ds)",
+            hello.id,
+            hello.population_size,
+            hello.heartbeat_interval,
+        )
+        if hello.HasField("state"):
+            state = await asyncio.to_thread(self._codec.decode, hello.state)
+            await self._set_state(state)
+
+    async def _set_state(self, state: S) -> None:
+        self._state = state
+        if type(self).on_state_change is not Worker.on_state_change:
+            await _call_hook(self.on_state_change, state)
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._token is None:
+            raise RuntimeError("the worker has no token yet")
+        return (("authorization", f"Bearer {self._token}"),)
+
+    async def _finish(self, method: Any, request: Any) -> None:
+        try:
+            await method(request, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code in _STALE_TASK_CODES:
+                log.warning("the server dropped a late result (%s): %s", code.name, exc.details())
+                return
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ProtocolError(f"the server refused a result: {exc.details()}") from exc
+            raise StreamBrokenError(
+                f"{type(request).__name__} failed: {code.name}: {exc.details()}", code
+            ) from exc
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(1, self._heartbeat_interval)
+        seq_id = 0
+        while True:
+            seq_id += 1
+            timestamp = timestamp_pb2.Timestamp()
+            timestamp.GetCurrentTime()
+            try:
+                response = await self._stub.Heartbeat(
+                    pb.HeartbeatRequest(seq_id=seq_id, timestamp=timestamp),
+                    metadata=self._metadata(),
+                    timeout=max(2.0 * interval, 10.0),
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise StreamBrokenError(
+                    f"heartbeat {seq_id} failed: {exc.code().name}: {exc.details()}", exc.code()
+                ) from exc
+            if not response.ok:
+                raise StreamBrokenError(f"the server refused heartbeat {seq_id}")
+            await asyncio.sleep(interval)
+
+
+async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Awaits coroutine hooks; runs plain ones in a thread so the event loop (and with it
+    the heartbeats) keeps running."""
+    if inspect.iscoroutinefunction(hook):
+        return await hook(*args)
+    result = await asyncio.to_thread(hook, *args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evaluation]:
+    """Checks that `evals` answer exactly the assigned slices with finite rewards."""
+    if not isinstance(evals, Sequence) or isinstance(evals, str | bytes):
+        raise TypeError(f"evaluate() must return a list of Eval, got {type(evals).__name__}")
+    assigned = {(s.start, s.stop) for s in slices}
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for ev in evals:
+        sl, rewards = ev[0], ev[1]
+        key = (sl.start, sl.stop)
+        if key not in assigned:
+            raise ValueError(
+                f"evaluate() returned slice [{sl.start}, {sl.stop}) which was not assigned; "
+                f"assigned: {', '.join(f'[{a}, {b})' for a, b in sorted(assigned))}"
+            )
+        if key in seen:
+            raise ValueError(f"evaluate() returned slice [{sl.start}, {sl.stop}) twice")
+        seen.add(key)
+        values = [float(r) for r in rewards]
+        if len(values) != sl.stop - sl.start:
+            raise ValueError(
+                f"evaluate() returned {len(values)} rewards for slice [{sl.start}, {sl.stop}) "
+                f"of {sl.stop - sl.start} members"
+            )
+        bad = [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
+        if bad:
+            raise ValueError(f"non-finite rewards for members {bad[:20]}")
+        out.append(pb.Evaluation(slice=pb.Slice(start=sl.start, end=sl.stop), rewards=values))
+    missing = assigned - seen
+    if missing:
+        raise ValueError(
+            "evaluate() returned no rewards for slices "
+            + ", ".join(f"[{a}, {b})" for a, b in sorted(missing))
+        )
+    return out
+
+
+def _subscribe_error(exc: grpc.aio.AioRpcError, target: str) -> Exception:
+    code = exc.code()
+    if code in _REJECTION_CODES:
+        return SubscriptionRejectedError(code, exc.details() or "")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ServerUnavailableError(f"could not subscribe to {target}: {exc.details()}")
+    return StreamBrokenError(f"subscribe failed: {code.name}: {exc.details()}", code)
+
+
+def _event_name(event: pb.SubscribeResponse) -> str:
+    try:
+        return pb.EventType.Name(event.type)
+    except ValueError:
+        return f"event type {event.type}"
+
+
+def _state_types(worker_type: type) -> list[type]:
+    """The S of ``class MyWorker(Worker[S])``, when it is a class, for the allow-list."""
+    for klass in worker_type.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if typing.get_origin(base) is Worker:
+                (arg,) = typing.get_args(base)
+                if isinstance(arg, type):
+                    return [arg]
+    return []
