@@ -448,6 +448,7 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
         raise TypeError(f"evaluate() must return a list of Eval, got {type(evals).__name__}")
     assigned = {(s.start, s.stop) for s in slices}
     seen: set[tuple[int, int]] = set()
+    non_finite: list[int] = []
     out = []
     for ev in evals:
         sl, rewards = ev[0], ev[1]
@@ -466,9 +467,7 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
                 f"evaluate() returned {len(values)} rewards for slice [{sl.start}, {sl.stop}) "
                 f"of {sl.stop - sl.start} members"
             )
-        bad = [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
-        if bad:
-            raise ValueError(f"non-finite rewards for members {bad[:20]}")
+        non_finite += [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
         out.append(pb.Evaluation(slice=pb.Slice(start=sl.start, end=sl.stop), rewards=values))
     missing = assigned - seen
     if missing:
@@ -476,6 +475,8 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
             "evaluate() returned no rewards for slices "
             + ", ".join(f"[{a}, {b})" for a, b in sorted(missing))
         )
+    if non_finite:
+        raise ValueError(f"non-finite rewards for members {sorted(non_finite)[:20]}")
     return out
 
 

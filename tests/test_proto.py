@@ -1,0 +1,101 @@
+"""The committed generated code must match what `make proto` produces from the .proto."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATED = ["evochi_pb2.py", "evochi_pb2_grpc.py", "evochi_pb2.pyi"]
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(ROOT / "proto/evochi/v1/evochi.proto"),
+        ],
+        check=True,
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / "evochi/v1" / name).read_text()
+        committed = (ROOT / "evochi/v1" / name).read_text()
+        assert fresh == committed, f"evochi/v1/{name} is stale: run `make proto` and commit"
+
+
+def test_wire_numbers_match_protocol() -> None:
+    """Field numbers are the contract with the Go server and the published client."""
+    from evochi.v1 import evochi_pb2 as pb
+
+    def numbers(message) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.Slice) == {"start": 1, "end": 2}
+    assert numbers(pb.Evaluation) == {"slice": 1, "rewards": 2}
+    assert numbers(pb.HelloEvent) == {
+        "id": 1,
+        "token": 2,
+        "state": 3,
+        "population_size": 4,
+        "heartbeat_interval": 5,
+        "max_epochs": 6,
+    }
+    assert numbers(pb.EvaluateEvent) == {"task_id": 1, "epoch": 2, "slices": 3}
+    assert numbers(pb.OptimizeEvent) == {"task_id": 1, "epoch": 2, "rewards": 3}
+    assert numbers(pb.InitializeEvent) == {"task_id": 1}
+    assert numbers(pb.ShareStateEvent) == {"task_id": 1, "epoch": 2}
+    assert numbers(pb.StopEvent) == {"task_id": 1}
+    assert numbers(pb.SubscribeRequest) == {"cores": 1}
+    assert numbers(pb.SubscribeResponse) == {
+        "type": 1,
+        "hello": 2,
+        "evaluate": 3,
+        "optimize": 4,
+        "initialize": 5,
+        "share_state": 6,
+        "stop": 7,
+    }
+    assert numbers(pb.HeartbeatRequest) == {"seq_id": 1, "timestamp": 2}
+    assert numbers(pb.FinishEvaluationRequest) == {"task_id": 1, "evaluations": 2}
+    assert numbers(pb.FinishOptimizationRequest) == {"task_id": 1}
+    assert numbers(pb.FinishInitializationRequest) == {"task_id": 1, "state": 2}
+    assert numbers(pb.FinishShareStateRequest) == {"task_id": 1, "state": 2}
+    assert dict(pb.EventType.items()) == {
+        "EVENT_TYPE_UNSPECIFIED": 0,
+        "EVENT_TYPE_HELLO": 1,
+        "EVENT_TYPE_EVALUATE": 3,
+        "EVENT_TYPE_OPTIMIZE": 4,
+        "EVENT_TYPE_INITIALIZE": 5,
+        "EVENT_TYPE_SHARE_STATE": 6,
+        "EVENT_TYPE_STOP": 7,
+    }
+    assert pb.HelloEvent.DESCRIPTOR.fields_by_name["state"].has_presence
+    service = pb.DESCRIPTOR.services_by_name["EvochiService"]
+    assert service.full_name == "evochi.v1.EvochiService"
+    assert [m.name for m in service.methods] == [
+        "Subscribe",
+        "Heartbeat",
+        "FinishEvaluation",
+        "FinishOptimization",
+        "FinishInitialization",
+        "FinishShareState",
+    ]
+
+
+def test_known_bytes() -> None:
+    """A hand-encoded message, so a type change (e.g. float -> double) cannot slip by."""
+    from evochi.v1 import evochi_pb2 as pb
+
+    msg = pb.Evaluation(slice=pb.Slice(start=1, end=3), rewards=[1.0, -2.0])
+    # slice: tag 0x0a len 4 {08 01 10 03}; rewards packed float: tag 0x12 len 8.
+    assert msg.SerializeToString() == bytes.fromhex("0a04080110031208") + bytes.fromhex(
+        "0000803f000000c0"
+    )
