@@ -226,6 +226,10 @@ class Worker(abc.ABC, Generic[S]):
     def on_state_change(self, state: S) -> None:
         """Called whenever `self.state` is replaced (hello, initialize, optimize)."""
 
+    def on_hello(self) -> None:
+        """Called once joined, before the hello state is decoded: `id`, `population_size`
+        and `max_epochs` are known. Raise to refuse the training (e.g. a mismatch)."""
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Joins the training and serves it until the server says stop.
@@ -381,6 +385,8 @@ class Worker(abc.ABC, Generic[S]):
             hello.population_size,
             hello.heartbeat_interval,
         )
+        if type(self).on_hello is not Worker.on_hello:
+            await _call_hook(self.on_hello)
         if hello.HasField("state"):
             state = await asyncio.to_thread(self._codec.decode, hello.state)
             await self._set_state(state)
