@@ -1,0 +1,279 @@
+"""Run one ``nn.Module`` for many population members at once.
+
+``PopulationPolicy(module, params)`` with ``params`` of shape ``[B, P]`` (one flat parameter
+vector per member, in the order of ``module.named_parameters()``) is called like the module
+on inputs with a leading member dimension ``[B, ...]``: row ``b`` runs with member ``b``'s
+parameters.
+
+Two execution paths, same results (up to float rounding):
+
+* generic: ``torch.func.functional_call`` + ``torch.func.vmap`` over the unflattened parameters;
+  works for any module whose forward is vmappable and does not mutate buffers (e.g. no
+  BatchNorm in training mode);
+* fast path for plain MLPs (``nn.Sequential`` of ``nn.Linear`` and elementwise activations):
+  one ``baddbmm`` per layer on stacked weight views (no copies), about 2-3x faster than vmap
+  for small policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ParamSpec",
+    "PopulationPolicy",
+    "flatten_params",
+    "is_plain_mlp",
+    "load_flat",
+    "num_params",
+    "param_layout",
+    "unflatten_params",
+]
+
+# Modules that act elementwise and hold no parameters: safe to apply to [B, N, F] directly.
+# Exact type match on purpose, so a subclass with a custom forward takes the generic path.
+_ELEMENTWISE = (
+    nn.Identity,
+    nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+)
+
+
+_CONTIGUOUS_COPY_LIMIT = 1 << 24  # elements of the stacked [B, P] parameters
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Where one named parameter lives in the flat vector: ``flat[offset : offset + numel]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+
+def param_layout(module: nn.Module) -> list[ParamSpec]:
+    """The flat layout: ``module.named_parameters()`` order, each parameter flattened (C order)."""
+    layout = []
+    offset = 0
+    for name, p in module.named_parameters():
+        layout.append(ParamSpec(name, tuple(p.shape), offset, p.numel()))
+        offset += p.numel()
+    return layout
+
+
+def num_params(module: nn.Module) -> int:
+    """Number of scalars in the flat parameter vector of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def flatten_params(module: nn.Module) -> torch.Tensor:
+    """All parameters as one new float32 CPU tensor ``[P]`` (``named_parameters()`` order)."""
+    parts = [
+        p.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for p in module.parameters()
+    ]
+    if not parts:
+        raise ValueError(f"{type(module).__name__} has no parameters to optimise")
+    return torch.cat(parts)
+
+
+def unflatten_params(module: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` (``[P]`` or ``[B, P]``) shaped like ``module``'s parameters.
+
+    Returns ``{name: tensor}`` with shapes ``param.shape`` or ``[B, *param.shape]``.
+    """
+    layout = param_layout(module)
+    total = sum(s.numel for s in layout)
+    if flat.shape[-1] != total or flat.dim() not in (1, 2):
+        raise ValueError(
+            f"expected a [P] or [B, P] tensor with P={total} for {type(module).__name__}, "
+            f"got shape {tuple(flat.shape)}"
+        )
+    lead = tuple(flat.shape[:-1])
+    return {s.name: flat[..., s.offset : s.offset + s.numel].view(*lead, *s.shape) for s in layout}
+
+
+def load_flat(module: nn.Module, flat: torch.Tensor) -> nn.Module:
+    """Copy a flat ``[P]`` vector into ``module``'s parameters in place; returns ``module``."""
+    if flat.dim() != 1:
+        raise ValueError(f"expected a flat [P] tensor, got shape {tuple(flat.shape)}")
+    views = unflatten_params(module, flat)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(views[name])
+    return module
+
+
+def _iter_mlp(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]] | None:
+    items: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        qual = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            sub = _iter_mlp(child, f"{qual}.")
+            if sub is None:
+                return None
+            items.extend(sub)
+        elif type(child) is nn.Linear or type(child) in _ELEMENTWISE:
+            items.append((qual, child))
+        else:
+            return None
+    return items
+
+
+def is_plain_mlp(module: nn.Module) -> bool:
+    """True when ``module`` qualifies for the ``bmm`` fast path: an ``nn.Sequential`` (possibly
+    nested) of ``nn.Linear`` and parameter-free elementwise activations, with no buffers."""
+    if type(module) is not nn.Sequential or any(True for _ in module.buffers()):
+        return False
+    items = _iter_mlp(module, "")
+    return items is not None and any(isinstance(m, nn.Linear) for _, m in items)
+
+
+class PopulationPolicy:
+    """``module`` evaluated with ``B`` parameter vectors at once.
+
+    Args:
+        module: the policy; its own parameter values are ignored (only its structure, and its
+            buffers on the generic path, are used). Put it on the evaluation device.
+        params: ``[B, P]`` float tensor, row ``b`` = member ``b``'s flat parameters.
+        mode: ``"auto"`` (fast path when :func:`is_plain_mlp`), ``"vmap"`` or ``"bmm"``.
+
+    Calling ``policy(x)`` with ``x`` of shape ``[B, ...]`` returns the module's output with the
+    same leading ``B``. For MLPs ``x`` may be ``[B, in]`` or ``[B, N, in]`` (N environments per
+    member) or have more middle dimensions. Floating inputs are cast to ``params``' device and
+    dtype. Runs under ``torch.no_grad()``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: torch.Tensor,
+        mode: Literal["auto", "vmap", "bmm"] = "auto",
+    ) -> None:
+        if params.dim() != 2:
+            raise ValueError(f"params must be [B, P], got shape {tuple(params.shape)}")
+        self.module = module
+        self.params = params
+        self.layout = param_layout(module)
+        total = sum(s.numel for s in self.layout)
+        if params.shape[1] != total:
+            raise ValueError(
+                f"params have {params.shape[1]} columns but {type(module).__name__} has "
+                f"{total} parameters"
+            )
+        fast = is_plain_mlp(module)
+        if mode == "bmm" and not fast:
+            raise ValueError(
+                "mode='bmm' needs an nn.Sequential of nn.Linear and elementwise activations"
+            )
+        if mode not in ("auto", "vmap", "bmm"):
+            raise ValueError(f"mode must be 'auto', 'vmap' or 'bmm', got {mode!r}")
+        self.mode: Literal["vmap", "bmm"] = "bmm" if fast and mode != "vmap" else "vmap"
+        self._spec = {s.name: s for s in self.layout}
+        self._plan: list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.params.shape[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(self._prepare(x) for x in inputs)
+        with torch.no_grad():
+            if self.mode == "bmm":
+                if len(inputs) != 1:
+                    raise TypeError(f"an MLP takes one input, got {len(inputs)}")
+                return self._forward_bmm(inputs[0])
+            return self._forward_vmap(inputs)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.dim() == 0 or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"inputs need a leading member dimension of size {self.batch_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.is_floating_point():
+            x = x.to(device=self.params.device, dtype=self.params.dtype)
+        else:
+            x = x.to(device=self.params.device)
+        return x
+
+    def _cols(self, name: str, *shape: int) -> torch.Tensor:
+        s = self._spec[name]
+        return self.params[:, s.offset : s.offset + s.numel].view(self.batch_size, *shape)
+
+    def _build_plan(self) -> list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]]:
+        items = _iter_mlp(self.module, "")
+        assert items is not None
+        # Row-major [B, in, out] weight copies make bmm ~20% faster than the strided views;
+        # only worth the memory while the stacked weights are small.
+        copy = self.params.numel() <= _CONTIGUOUS_COPY_LIMIT
+        plan: list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]] = []
+        for name, layer in items:
+            if isinstance(layer, nn.Linear):
+                w = self._cols(f"{name}.weight", layer.out_features, layer.in_features)
+                w = w.transpose(1, 2)
+                bias = None
+                if layer.bias is not None:
+                    bias = self._cols(f"{name}.bias", 1, layer.out_features)
+                if copy:
+                    w = w.contiguous()
+                    bias = None if bias is None else bias.contiguous()
+                plan.append((w, bias))
+            else:
+                plan.append(layer)
+        return plan
+
+    def _forward_bmm(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.batch_size
+        if x.dim() < 2:
+            raise ValueError(f"MLP input must be [B, in] or [B, ..., in], got {tuple(x.shape)}")
+        if self._plan is None:
+            self._plan = self._build_plan()
+        middle = x.shape[1:-1]
+        h = x.reshape(b, -1, x.shape[-1])
+        for step in self._plan:
+            if isinstance(step, tuple):
+                w, bias = step
+                h = torch.bmm(h, w) if bias is None else torch.baddbmm(bias, h, w)
+            else:
+                h = step(h)
+        return h.reshape(b, *middle, h.shape[-1])
+
+    def _forward_vmap(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        params = {
+            s.name: self.params[:, s.offset : s.offset + s.numel].view(self.batch_size, *s.shape)
+            for s in self.layout
+        }
+        device = self.params.device
+        buffers = {name: buf.to(device) for name, buf in self.module.named_buffers()}
+        module = self.module
+
+        def run(p: dict[str, torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(module, (p, buffers), xs)
+
+        return torch.func.vmap(run, in_dims=(0,) + (0,) * len(inputs), randomness="different")(
+            params, *inputs
+        )
