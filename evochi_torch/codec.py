@@ -1,0 +1,419 @@
+"""Training state <-> bytes, and checkpoints on disk in the same format.
+
+One blob is a valid safetensors file:
+
+* tensors: ``params`` (float32 ``[P]``), ``opt.<key>`` (optimizer state), ``extra.<key>``
+  (user tensors);
+* header ``__metadata__`` (str -> str): ``evochi.format`` (:data:`STATE_FORMAT`),
+  ``evochi.meta`` (base64 of a pickle of plain data: epoch, :class:`ESConfig`, noise
+  fingerprint, library versions, user metadata) and ``evochi.checksum`` (sha256 over the
+  metadata and every tensor's name, dtype, shape and bytes).
+
+Decoding verifies the checksum before unpickling, and unpickles with an allow-list (builtin
+containers and scalars plus :class:`ESConfig`), so a crafted payload cannot run code: it gets a
+:class:`StateDecodeError`. ``safetensors.torch.load_file(path)`` reads a checkpoint directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import hmac
+import importlib.metadata
+import io
+import json
+import os
+import pickle
+import platform
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import ESConfig
+from .noise import NoiseTable
+from .optim import OptState, es_step, init_optimizer_state
+from .population import flatten_params, load_flat
+
+__all__ = [
+    "STATE_FORMAT",
+    "NoiseMismatchError",
+    "StateDecodeError",
+    "TorchESState",
+    "check_noise",
+    "decode_state",
+    "encode_state",
+    "initial_state",
+    "library_versions",
+    "load_checkpoint",
+    "load_policy",
+    "save_checkpoint",
+]
+
+#: Value of the ``evochi.format`` header entry; bump on incompatible layout changes.
+STATE_FORMAT = "evochi-torch-state/1"
+
+_PARAMS = "params"
+_OPT = "opt."
+_EXTRA = "extra."
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class StateDecodeError(ValueError):
+    """The bytes are not a valid, intact evochi-torch state (truncated, corrupt or unsafe)."""
+
+
+class NoiseMismatchError(RuntimeError):
+    """This process's noise table differs from the one the training was started with."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine numerics, recorded in every state."""
+    try:
+        evochi = importlib.metadata.version("evochi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        evochi = "unknown"
+    return {
+        "evochi": evochi,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "safetensors": str(safetensors.__version__),
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class TorchESState:
+    """Everything a worker needs to continue a training.
+
+    Attributes:
+        params: center parameters, float32 CPU ``[P]``.
+        opt_state: optimizer state (see :func:`evochi_torch.optim.init_optimizer_state`).
+        epoch: the epoch whose perturbations are evaluated around ``params`` (0 at the start;
+            :meth:`advance` with that epoch's rewards yields ``epoch + 1``).
+        config: the run's :class:`ESConfig`.
+        noise_fingerprint: :attr:`NoiseTable.fingerprint` of the run's noise table.
+        extra_tensors: user tensors saved alongside (e.g. observation normalisation stats).
+        extra: user plain data (str/int/float/bool/None, lists, tuples, dicts, sets).
+        versions: library versions of the process that wrote the state (informational).
+    """
+
+    params: torch.Tensor
+    opt_state: OptState
+    epoch: int
+    config: ESConfig
+    noise_fingerprint: str
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def advance(self, rewards: np.ndarray | Any, table: NoiseTable) -> TorchESState:
+        """The state after one ES step with this epoch's ``rewards`` (``[npop]``, member order).
+
+        Checks that ``table`` is the run's noise table; returns a new state with ``epoch + 1``
+        (``extra`` and ``extra_tensors`` are carried over unchanged).
+        """
+        check_noise(self, table)
+        params, opt_state = es_step(
+            self.params, self.opt_state, rewards, self.epoch, table, self.config
+        )
+        return dataclasses.replace(
+            self,
+            params=params,
+            opt_state=opt_state,
+            epoch=self.epoch + 1,
+            versions=library_versions(),
+        )
+
+
+def initial_state(
+    params: torch.Tensor | nn.Module,
+    config: ESConfig,
+    table: NoiseTable,
+    *,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> TorchESState:
+    """Epoch-0 state from initial parameters (a flat ``[P]`` tensor or a module)."""
+    if isinstance(params, nn.Module):
+        params = flatten_params(params)
+    params = params.detach().to(device="cpu", dtype=torch.float32).reshape(-1).clone()
+    return TorchESState(
+        params=params,
+        opt_state=init_optimizer_state(config, params.numel()),
+        epoch=0,
+        config=config,
+        noise_fingerprint=table.fingerprint,
+        extra_tensors=dict(extra_tensors or {}),
+        extra=dict(extra or {}),
+    )
+
+
+def check_noise(state: TorchESState, table: NoiseTable) -> None:
+    """Raise :class:`NoiseMismatchError` unless ``table`` is the noise the training uses."""
+    if table.fingerprint == state.noise_fingerprint:
+        return
+    here = library_versions()
+    raise NoiseMismatchError(
+        "this process's noise table differs from the training's, so its perturbations and "
+        "updates would silently diverge; refusing to continue.\n"
+        f"  training: {state.noise_fingerprint} (written with numpy "
+        f"{state.versions.get('numpy', '?')}, torch {state.versions.get('torch', '?')})\n"
+        f"  here:     {table.fingerprint} (numpy {here['numpy']}, torch {here['torch']})\n"
+        "Use the same seed/noise_table_size and the numpy version the training was started with."
+    )
+
+
+# --- pickle allow-list -------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("builtins", "complex"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
+        ("builtins", "range"),
+        ("builtins", "slice"),
+        ("collections", "OrderedDict"),
+        ("evochi_torch.config", "ESConfig"),
+    }
+)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise StateDecodeError(
+            f"refusing to unpickle global {module}.{name}: state metadata may only hold plain "
+            "data (builtin containers and scalars) and ESConfig"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise StateDecodeError("refusing persistent ids in state metadata")
+
+
+def _safe_loads(data: bytes) -> Any:
+    try:
+        return _SafeUnpickler(io.BytesIO(data)).load()
+    except StateDecodeError:
+        raise
+    except Exception as exc:
+        raise StateDecodeError(f"corrupt state metadata: {type(exc).__name__}: {exc}") from None
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _checksum(meta: bytes, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(STATE_FORMAT.encode() + b"\0")
+    h.update(struct.pack("<Q", len(meta)) + meta)
+    for name in sorted(tensors):
+        t = tensors[name]
+        desc = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0"
+        h.update(struct.pack("<Q", len(desc)) + desc.encode())
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(struct.pack("<Q", raw.nbytes))
+        h.update(memoryview(raw))
+    return "sha256:" + h.hexdigest()
+
+
+def _cpu_tensors(state: TorchESState) -> dict[str, torch.Tensor]:
+    named: dict[str, torch.Tensor] = {_PARAMS: state.params}
+    for prefix, group in ((_OPT, state.opt_state), (_EXTRA, state.extra_tensors)):
+        for key, t in group.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"tensor keys must be non-empty strings, got {key!r}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{prefix}{key} must be a torch.Tensor, got {type(t).__name__}")
+            named[prefix + key] = t
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in named.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing storage (views of one buffer): copy those.
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def encode_state(state: TorchESState) -> bytes:
+    """Serialize ``state`` to one safetensors blob (see the module docstring for the layout)."""
+    if not isinstance(state.config, ESConfig):
+        raise TypeError(f"state.config must be an ESConfig, got {type(state.config).__name__}")
+    params = state.params
+    if params.dim() != 1 or params.dtype != torch.float32:
+        raise ValueError(
+            f"state.params must be a flat float32 tensor, got {params.dtype} {tuple(params.shape)}"
+        )
+    meta_obj = {
+        "epoch": int(state.epoch),
+        "config": state.config,
+        "noise_fingerprint": str(state.noise_fingerprint),
+        "versions": dict(state.versions),
+        "extra": state.extra,
+    }
+    meta = pickle.dumps(meta_obj, protocol=pickle.HIGHEST_PROTOCOL)
+    # Fail at save time, not at the next worker's load, if `extra` holds non-plain objects.
+    try:
+        _safe_loads(meta)
+    except StateDecodeError as exc:
+        raise ValueError(f"state.extra must be plain data: {exc}") from None
+    tensors = _cpu_tensors(state)
+    header = {
+        "format": "pt",
+        "evochi.format": STATE_FORMAT,
+        "evochi.meta": base64.b64encode(meta).decode("ascii"),
+        "evochi.checksum": _checksum(meta, tensors),
+    }
+    return safetensors.torch.save(tensors, metadata=header)
+
+
+def _read_header(blob: bytes) -> dict[str, Any]:
+    if len(blob) < 8:
+        raise StateDecodeError(f"state blob truncated: {len(blob)} bytes, need at least 8")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > _MAX_HEADER:
+        raise StateDecodeError(f"corrupt state blob: header length {n} is implausible")
+    if 8 + n > len(blob):
+        raise StateDecodeError(
+            f"state blob truncated: header needs {8 + n} bytes, blob has {len(blob)}"
+        )
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateDecodeError(f"corrupt state blob: unreadable header ({exc})") from None
+    if not isinstance(header, dict):
+        raise StateDecodeError("corrupt state blob: header is not a JSON object")
+    return header
+
+
+def decode_state(blob: bytes | bytearray | memoryview) -> TorchESState:
+    """Parse and verify a blob from :func:`encode_state`.
+
+    Raises :class:`StateDecodeError` (a ``ValueError``) on truncated, corrupt, foreign or unsafe
+    data. Never executes code from the payload.
+    """
+    blob = bytes(blob)
+    header = _read_header(blob)
+    meta_header = header.get("__metadata__")
+    if not isinstance(meta_header, dict) or meta_header.get("evochi.format") != STATE_FORMAT:
+        found = meta_header.get("evochi.format") if isinstance(meta_header, dict) else None
+        raise StateDecodeError(
+            f"not an evochi-torch state: expected format {STATE_FORMAT!r}, found {found!r}"
+        )
+    try:
+        meta = base64.b64decode(meta_header["evochi.meta"], validate=True)
+        expected = str(meta_header["evochi.checksum"])
+    except (KeyError, binascii.Error, TypeError) as exc:
+        raise StateDecodeError(f"corrupt state blob: bad metadata entry ({exc})") from None
+    try:
+        tensors = safetensors.torch.load(blob)
+    except Exception as exc:  # SafetensorError is not exported consistently across versions
+        raise StateDecodeError(f"corrupt or truncated state blob: {exc}") from None
+    if not hmac.compare_digest(_checksum(meta, tensors), expected):
+        raise StateDecodeError("state blob checksum mismatch: the data is corrupt")
+    obj = _safe_loads(meta)
+    return _build_state(obj, tensors)
+
+
+def _build_state(obj: Any, tensors: dict[str, torch.Tensor]) -> TorchESState:
+    if not isinstance(obj, dict):
+        raise StateDecodeError("corrupt state metadata: expected a dict")
+    try:
+        epoch = obj["epoch"]
+        config = obj["config"]
+        fingerprint = obj["noise_fingerprint"]
+        versions = obj["versions"]
+        extra = obj["extra"]
+    except KeyError as exc:
+        raise StateDecodeError(f"state metadata lacks {exc}") from None
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise StateDecodeError(f"state metadata has an invalid epoch {epoch!r}")
+    if not isinstance(config, ESConfig):
+        raise StateDecodeError(f"state metadata config is {type(config).__name__}, not ESConfig")
+    try:
+        # Unpickling bypasses __post_init__; rebuilding re-validates every field.
+        config = ESConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ESConfig)})
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise StateDecodeError(f"state metadata holds an invalid ESConfig: {exc}") from None
+    if not isinstance(fingerprint, str) or not isinstance(versions, dict):
+        raise StateDecodeError("state metadata has invalid noise_fingerprint/versions")
+    if not isinstance(extra, dict):
+        raise StateDecodeError("state metadata 'extra' must be a dict")
+    params = tensors.pop(_PARAMS, None)
+    if params is None or params.dim() != 1 or params.dtype != torch.float32:
+        raise StateDecodeError("state has no flat float32 'params' tensor")
+    opt_state = {k[len(_OPT) :]: v for k, v in tensors.items() if k.startswith(_OPT)}
+    extra_tensors = {k[len(_EXTRA) :]: v for k, v in tensors.items() if k.startswith(_EXTRA)}
+    unknown = [k for k in tensors if not k.startswith((_OPT, _EXTRA))]
+    if unknown:
+        raise StateDecodeError(f"state has unexpected tensors {unknown}")
+    return TorchESState(
+        params=params,
+        opt_state=opt_state,
+        epoch=epoch,
+        config=config,
+        noise_fingerprint=fingerprint,
+        extra_tensors=extra_tensors,
+        extra=extra,
+        versions={str(k): str(v) for k, v in versions.items()},
+    )
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: TorchESState) -> Path:
+    """Write ``state`` to ``path`` (conventionally ``*.safetensors``) atomically.
+
+    The file is exactly :func:`encode_state`'s blob, i.e. a safetensors file that
+    ``safetensors.torch.load_file`` reads (tensors ``params``, ``opt.*``, ``extra.*``).
+    """
+    path = Path(path)
+    blob = encode_state(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> TorchESState:
+    """Read a checkpoint written by :func:`save_checkpoint` (verified like :func:`decode_state`)."""
+    return decode_state(Path(path).read_bytes())
+
+
+def load_policy(module: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a checkpoint's center parameters into ``module`` (in place) and return it.
+
+    No server or noise table is needed: ``policy = load_policy(MyPolicy(), "ckpt.safetensors")``.
+    """
+    state = load_checkpoint(path)
+    expected = sum(p.numel() for p in module.parameters())
+    if state.params.numel() != expected:
+        raise ValueError(
+            f"checkpoint {path} holds {state.params.numel()} parameters, but "
+            f"{type(module).__name__} has {expected}: is it the same architecture?"
+        )
+    return load_flat(module, state.params)
