@@ -65,6 +65,7 @@ STATE_FORMAT = "evochi-torch-state/1"
 _PARAMS = "params"
 _OPT = "opt."
 _EXTRA = "extra."
+_CHECKSUM_KEY = "evochi.checksum"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -214,14 +215,18 @@ def _safe_loads(data: bytes) -> Any:
 # --- encoding ------------------------------------------------------------------------------------
 
 
-def _checksum(meta: bytes, tensors: dict[str, torch.Tensor]) -> str:
+def _checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    # Covers every header entry but the checksum itself (so even the conventional "format"
+    # entry cannot be flipped unnoticed) and each tensor's name, dtype, shape and bytes.
     h = hashlib.sha256()
     h.update(STATE_FORMAT.encode() + b"\0")
-    h.update(struct.pack("<Q", len(meta)) + meta)
+    entries = {k: v for k, v in header.items() if k != _CHECKSUM_KEY}
+    canon = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    h.update(struct.pack("<Q", len(canon)) + canon)
     for name in sorted(tensors):
         t = tensors[name]
-        desc = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0"
-        h.update(struct.pack("<Q", len(desc)) + desc.encode())
+        desc = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode()
+        h.update(struct.pack("<Q", len(desc)) + desc)
         raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         h.update(struct.pack("<Q", raw.nbytes))
         h.update(memoryview(raw))
@@ -277,8 +282,8 @@ def encode_state(state: TorchESState) -> bytes:
         "format": "pt",
         "evochi.format": STATE_FORMAT,
         "evochi.meta": base64.b64encode(meta).decode("ascii"),
-        "evochi.checksum": _checksum(meta, tensors),
     }
+    header[_CHECKSUM_KEY] = _checksum(header, tensors)
     return safetensors.torch.save(tensors, metadata=header)
 
 
@@ -315,17 +320,19 @@ def decode_state(blob: bytes | bytearray | memoryview) -> TorchESState:
         raise StateDecodeError(
             f"not an evochi-torch state: expected format {STATE_FORMAT!r}, found {found!r}"
         )
-    try:
-        meta = base64.b64decode(meta_header["evochi.meta"], validate=True)
-        expected = str(meta_header["evochi.checksum"])
-    except (KeyError, binascii.Error, TypeError) as exc:
-        raise StateDecodeError(f"corrupt state blob: bad metadata entry ({exc})") from None
+    expected = meta_header.get(_CHECKSUM_KEY)
+    if not isinstance(expected, str):
+        raise StateDecodeError("corrupt state blob: no checksum entry")
     try:
         tensors = safetensors.torch.load(blob)
     except Exception as exc:  # SafetensorError is not exported consistently across versions
         raise StateDecodeError(f"corrupt or truncated state blob: {exc}") from None
-    if not hmac.compare_digest(_checksum(meta, tensors), expected):
+    if not hmac.compare_digest(_checksum(meta_header, tensors).encode(), expected.encode()):
         raise StateDecodeError("state blob checksum mismatch: the data is corrupt")
+    try:
+        meta = base64.b64decode(meta_header["evochi.meta"], validate=True)
+    except (KeyError, binascii.Error, TypeError) as exc:
+        raise StateDecodeError(f"corrupt state blob: bad metadata entry ({exc})") from None
     obj = _safe_loads(meta)
     return _build_state(obj, tensors)
 
