@@ -1,0 +1,176 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from evochi_torch import (
+    ESConfig,
+    NoiseTable,
+    PopulationPolicy,
+    flatten_params,
+    is_plain_mlp,
+    load_flat,
+    member_offsets,
+    num_params,
+    param_layout,
+    perturbed_params,
+    unflatten_params,
+)
+
+
+def mlp(bias: bool = True, act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 8, bias=bias), act(), nn.Sequential(nn.Linear(8, 8), act()), nn.Linear(8, 3)
+    )
+
+
+class Residual(nn.Module):
+    """Not an MLP: LayerNorm, a custom forward and a constant buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(self.norm(h) + h) * self.scale
+
+
+def population(module: nn.Module, b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return flatten_params(module) + 0.3 * torch.randn(b, num_params(module), generator=g)
+
+
+def loop_reference(module: nn.Module, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    clone = copy.deepcopy(module)
+    outs = []
+    with torch.no_grad():
+        for b in range(params.shape[0]):
+            outs.append(load_flat(clone, params[b])(x[b]))
+    return torch.stack(outs)
+
+
+def test_flatten_layout_and_round_trip():
+    m = mlp()
+    flat = flatten_params(m)
+    layout = param_layout(m)
+    assert [s.name for s in layout] == [n for n, _ in m.named_parameters()]
+    assert flat.dtype == torch.float32 and flat.shape == (num_params(m),)
+    assert torch.equal(flat[: 8 * 5], m[0].weight.detach().reshape(-1))
+    views = unflatten_params(m, flat)
+    for name, p in m.named_parameters():
+        assert torch.equal(views[name], p.detach())
+    other = mlp()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    load_flat(other, flat)
+    assert torch.equal(flatten_params(other), flat)
+    batched = unflatten_params(m, torch.stack([flat, flat]))
+    assert batched["0.weight"].shape == (2, 8, 5)
+    with pytest.raises(ValueError, match="P="):
+        unflatten_params(m, flat[:-1])
+
+
+def test_fast_path_detection():
+    assert is_plain_mlp(mlp())
+    assert is_plain_mlp(mlp(bias=False, act=nn.ReLU))
+    assert not is_plain_mlp(Residual())
+    assert not is_plain_mlp(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)))
+    assert not is_plain_mlp(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+
+    class MyTanh(nn.Tanh):
+        def forward(self, x):
+            return 2 * torch.tanh(x)
+
+    assert not is_plain_mlp(nn.Sequential(nn.Linear(2, 2), MyTanh()))
+    assert PopulationPolicy(mlp(), population(mlp(), 2)).mode == "bmm"
+    assert PopulationPolicy(Residual(), population(Residual(), 2)).mode == "vmap"
+    with pytest.raises(ValueError, match="bmm"):
+        PopulationPolicy(Residual(), population(Residual(), 2), mode="bmm")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.Identity])
+@pytest.mark.parametrize("obs_shape", [(5,), (4, 5), (2, 3, 5)])
+def test_mlp_fast_path_equals_vmap_equals_loop(bias, act, obs_shape):
+    m = mlp(bias, act)
+    b = 6
+    params = population(m, b)
+    x = torch.randn(b, *obs_shape, generator=torch.Generator().manual_seed(2))
+    fast = PopulationPolicy(m, params)(x)
+    generic = PopulationPolicy(m, params, mode="vmap")(x)
+    assert fast.shape == (b, *obs_shape[:-1], 3)
+    torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, loop_reference(m, params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_members_really_use_their_own_parameters():
+    m = mlp()
+    params = population(m, 3)
+    params[1] = params[0]
+    x = torch.randn(1, 5).expand(3, 5)
+    out = PopulationPolicy(m, params)(x)
+    assert torch.equal(out[0], out[1])
+    assert not torch.allclose(out[0], out[2])
+
+
+@pytest.mark.parametrize("obs_shape", [(5,), (4, 5)])
+def test_generic_module_equals_loop(obs_shape):
+    m = Residual()
+    params = population(m, 5)
+    x = torch.randn(5, *obs_shape, generator=torch.Generator().manual_seed(3))
+    policy = PopulationPolicy(m, params)
+    assert policy.mode == "vmap" and len(policy) == 5
+    torch.testing.assert_close(policy(x), loop_reference(m, params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_multiple_inputs_on_generic_path():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x, y):
+            return self.a(x) * self.b(y)
+
+    m = TwoInputs()
+    params = population(m, 4)
+    x, y = torch.randn(4, 3), torch.randn(4, 4)
+    out = PopulationPolicy(m, params)(x, y)
+    clone = copy.deepcopy(m)
+    with torch.no_grad():
+        ref = torch.stack([load_flat(clone, params[i])(x[i], y[i]) for i in range(4)])
+    torch.testing.assert_close(out, ref)
+
+
+def test_inputs_are_cast_and_validated():
+    m = mlp()
+    policy = PopulationPolicy(m, population(m, 2))
+    out = policy(torch.randn(2, 5, dtype=torch.float64))
+    assert out.dtype == torch.float32
+    with pytest.raises(ValueError, match="leading member dimension"):
+        policy(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="columns"):
+        PopulationPolicy(m, torch.zeros(2, num_params(m) + 1))
+    with pytest.raises(ValueError, match=r"\[B, P\]"):
+        PopulationPolicy(m, torch.zeros(num_params(m)))
+
+
+def test_end_to_end_with_perturbed_params():
+    m = mlp()
+    cfg = ESConfig(population_size=6, sigma=0.1)
+    p = num_params(m)
+    table = NoiseTable.from_seed(cfg.seed, 1 << 16)
+    offs, signs = member_offsets(cfg.seed, 0, 6, p, table.size)
+    params = perturbed_params(flatten_params(m), table, offs, signs, cfg.sigma, [1, 2, 3])
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(
+        PopulationPolicy(m, params)(x), loop_reference(m, params, x), rtol=1e-5, atol=1e-5
+    )
