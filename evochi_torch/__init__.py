@@ -88,3 +88,6 @@ __all__ = [
 ]
 
 # --- worker (issue 3, TorchESWorker): the worker engineer appends its import/export here. ---
+from .worker import TorchESWorker, TorchStateCodec
+
+__all__ += ["TorchESWorker", "TorchStateCodec"]

@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m examples.cartpole`, `python -m examples.mujoco`."""

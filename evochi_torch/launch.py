@@ -1,0 +1,320 @@
+"""Start and supervise worker processes, locally or against a remote server.
+
+One process per worker: each owns its device, its torch threads and its event loop, so a
+crash (or a CUDA error) takes down one worker, never the server or its peers. Processes
+are started with the "spawn" method because forking a process that already runs torch
+threads or a CUDA context is unsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("evochi_torch.launch")
+
+
+def load_class(path: str) -> type:
+    """Imports "package.module:Class" (the form used on the command line)."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"expected MODULE:CLASS (e.g. examples.cartpole:CartPoleWorker), got {path!r}"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, type):
+        raise ValueError(f"{path!r} is not a class")
+    return obj
+
+
+def class_path(cls: type) -> str:
+    """The "module:Class" path that `load_class` resolves back to `cls`."""
+    module = cls.__module__
+    if module == "__main__":
+        # A class defined in a script run as __main__ is re-imported by spawned children
+        # under its module name, which only works when the script was run with -m.
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None or not spec.name:
+            raise ValueError(
+                f"{cls.__qualname__} is defined in a script; run it with `python -m module` "
+                "or move the worker class into an importable module"
+            )
+        module = spec.name
+    return f"{module}:{cls.__qualname__}"
+
+
+def parse_devices(spec: str) -> list[str]:
+    """ "cpu", "cuda:0,cuda:1", "all" (every visible GPU, or the CPU when there is none)."""
+    spec = spec.strip()
+    if spec == "all":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise ValueError("--devices is empty")
+    import torch
+
+    for d in devices:
+        try:
+            torch.device(d)
+        except RuntimeError as exc:
+            raise ValueError(f"not a device: {d!r} ({exc})") from None
+    return devices
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a child process needs to build and run one worker (picklable).
+
+    `target` is "module:Class"; the class is constructed as
+    ``cls(address, cores, device=..., reconnect=..., join_token=..., **kwargs)``.
+    """
+
+    target: str
+    cores: int = 256
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    reconnect: bool = True
+    join_token: str | None = None
+    root_certificates: bytes | None = None
+    log_level: str = "WARNING"
+
+
+def _child_main(spec: WorkerSpec, address: str, device: str, index: int) -> None:
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s worker{index} %(levelname)s %(name)s: %(message)s",
+    )
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    cls = load_class(spec.target)
+    asyncio.run(_run_child(cls, spec, address, device))
+
+
+async def _run_child(cls: type, spec: WorkerSpec, address: str, device: str) -> None:
+    channel: Any = address
+    if spec.root_certificates is not None:
+        from evochi.v1 import secure_channel
+
+        channel = secure_channel(address, root_certificates=spec.root_certificates)
+    worker = cls(
+        channel,
+        spec.cores,
+        device=device,
+        reconnect=spec.reconnect,
+        join_token=spec.join_token,
+        **spec.kwargs,
+    )
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM from the supervisor: leave the training cleanly (the server re-assigns our
+    # slices at once instead of waiting for the heartbeat timeout).
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await worker.start()
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await worker.close()
+
+
+@dataclass
+class WorkerExit:
+    index: int
+    device: str
+    exitcode: int | None
+
+    def describe(self) -> str:
+        code = self.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"worker {self.index} on {self.device} {how}"
+
+
+class WorkerProcesses:
+    """A supervised group of worker processes, one per entry of `devices`.
+
+    Use as a context manager: leaving it stops every process (SIGTERM, then SIGKILL
+    after `grace` seconds).
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        address: str,
+        devices: Sequence[str],
+        *,
+        restart: bool = False,
+        grace: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self.address = address
+        self.devices = list(devices)
+        self.restart = restart
+        self.grace = grace
+        self.exits: list[WorkerExit] = []
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []
+
+    def _spawn(self, index: int) -> Any:
+        proc = self._ctx.Process(
+            target=_child_main,
+            args=(self.spec, self.address, self.devices[index], index),
+            name=f"evochi-worker-{index}",
+        )
+        proc.start()
+        return proc
+
+    def start(self) -> WorkerProcesses:
+        self._procs = [self._spawn(i) for i in range(len(self.devices))]
+        return self
+
+    @property
+    def alive(self) -> int:
+        return sum(p.is_alive() for p in self._procs)
+
+    def poll(self) -> list[WorkerExit]:
+        """Reports processes that ended since the last call; restarts crashed ones if asked."""
+        ended = []
+        for i, proc in enumerate(self._procs):
+            if proc is None or proc.is_alive() or proc.exitcode is None:
+                continue
+            ended.append(WorkerExit(i, self.devices[i], proc.exitcode))
+            self._procs[i] = self._spawn(i) if self.restart and proc.exitcode != 0 else None
+        self.exits += ended
+        return ended
+
+    async def supervise(self, interval: float = 0.2) -> list[WorkerExit]:
+        """Waits until every process has ended, logging each crash as it happens."""
+        while True:
+            for ended in self.poll():
+                if ended.exitcode == 0:
+                    log.info("%s", ended.describe())
+                else:
+                    log.error("%s%s", ended.describe(), "; restarting it" if self.restart else "")
+            if not any(p is not None for p in self._procs):
+                return self.exits
+            await asyncio.sleep(interval)
+
+    def stop(self) -> None:
+        live = [p for p in self._procs if p is not None and p.is_alive()]
+        for proc in live:
+            proc.terminate()
+        deadline = time.monotonic() + self.grace
+        for proc in live:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker process %s did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+
+    def __enter__(self) -> WorkerProcesses:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def spread(devices: Sequence[str], workers: int) -> list[str]:
+    """`workers` device assignments, round-robin over `devices`."""
+    if workers <= 0:
+        raise ValueError(f"--workers must be positive, got {workers}")
+    return [devices[i % len(devices)] for i in range(workers)]
+
+
+def default_threads(local_workers: int) -> int:
+    """Torch threads per worker so that local workers do not oversubscribe the CPU."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_workers))
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    seconds: float
+    stopped_early: bool
+    crashed: list[WorkerExit]
+
+
+async def train(
+    spec: WorkerSpec,
+    server_config: Any,
+    devices: Sequence[str],
+    *,
+    on_epoch: Callable[[Any], Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    restart: bool = False,
+) -> TrainResult:
+    """Runs an embedded server and one worker process per entry of `devices` until the
+    training ends: max epochs reached, `on_epoch` returned True (stop early), or every
+    worker died.
+
+    `on_epoch(summary)` may be sync or async; it runs in this process with the
+    server's `EpochSummary` (epoch, rewards, the new state's bytes...).
+    """
+    from evochi.server import EmbeddedServer
+
+    stop_early = asyncio.Event()
+
+    async def epoch_hook(summary: Any) -> None:
+        if on_epoch is None:
+            return
+        result = on_epoch(summary)
+        if isinstance(result, Awaitable):
+            result = await result
+        if result is True:
+            stop_early.set()
+
+    started = time.perf_counter()
+    async with EmbeddedServer(server_config, host=host, port=port, on_epoch=epoch_hook) as server:
+        spec = dataclasses.replace(spec, threads=spec.threads or default_threads(len(devices)))
+        with WorkerProcesses(spec, server.address, devices, restart=restart) as procs:
+            finished = asyncio.ensure_future(server.wait_finished())
+            early = asyncio.ensure_future(stop_early.wait())
+            supervised = asyncio.ensure_future(procs.supervise())
+            await asyncio.wait({finished, early, supervised}, return_when="FIRST_COMPLETED")
+            stopped_early = early.done() and not finished.done()
+            if stopped_early:
+                await server.stop_training()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(supervised), timeout=procs.grace)
+            for task in (finished, early, supervised):
+                task.cancel()
+            if not finished.done() and not stopped_early and supervised.done():
+                raise RuntimeError(
+                    "every worker process ended before the training finished: "
+                    + "; ".join(e.describe() for e in procs.exits)
+                )
+            epochs = server.epoch
+    crashed = [e for e in procs.exits if e.exitcode not in (0, None)]
+    return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)

@@ -1,0 +1,212 @@
+"""TorchESWorker: OpenAI-style ES for a PyTorch policy, as an Evochi worker.
+
+A subclass names the policy (`make_policy`) and how to score a batch of population
+members (`score`); this class does the rest:
+
+* the center parameters are one flat float32 CPU tensor, updated by the pure functions of
+  `evochi_torch.optim` so that every worker computes the same bits;
+* member i's perturbation comes from the shared noise table at an offset that is a pure
+  function of (seed, epoch, i): nothing but rewards crosses the wire;
+* the members of a task are built on the evaluation device in one go and run as one batch
+  through `PopulationPolicy` (bmm fast path for MLPs, vmap otherwise);
+* the state travels as safetensors + allow-listed metadata (`evochi_torch.codec`).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from evochi.v1 import Eval, Worker
+
+from .codec import TorchESState, check_noise, decode_state, encode_state, initial_state
+from .config import ESConfig
+from .noise import NoiseTable, member_offsets, perturbed_params
+from .population import PopulationPolicy, flatten_params, load_flat
+from .shaping import check_rewards
+
+log = logging.getLogger("evochi_torch.worker")
+
+# Fields of ESConfig that belong to one worker rather than to the training.
+_LOCAL_FIELDS = ("device",)
+
+
+class TorchStateCodec:
+    """The worker's state codec: safetensors + allow-listed metadata (`evochi_torch.codec`)."""
+
+    def encode(self, state: TorchESState) -> bytes:
+        return encode_state(state)
+
+    def decode(self, data: bytes) -> TorchESState:
+        return decode_state(data)
+
+
+class TorchESWorker(Worker[TorchESState]):
+    """Base class of ES workers for PyTorch policies.
+
+    Args:
+        channel: a `grpc.aio` channel or a "host:port" address.
+        cores: members evaluated per task at most (the device batch size).
+        config: ES hyper-parameters; defaults to the class's `default_config`. A worker
+            that joins a running training adopts the training's config from the state
+            (only `device` stays its own).
+        device: overrides `config.device` for this worker (e.g. "cuda:1").
+        **kwargs: passed to `evochi.v1.Worker` (reconnect, join_token, ...).
+    """
+
+    #: The ES hyper-parameters used when no `config=` is given.
+    default_config: ClassVar[ESConfig | None] = None
+
+    def __init__(
+        self,
+        channel: Any,
+        cores: int,
+        *,
+        config: ESConfig | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> None:
+        config = config if config is not None else type(self).default_config
+        if config is None:
+            raise TypeError(
+                f"{type(self).__name__} needs an ESConfig: pass config= or set default_config"
+            )
+        if device is not None:
+            config = config.replace(device=str(device))
+        kwargs.setdefault("codec", TorchStateCodec())
+        super().__init__(channel, cores, **kwargs)
+        self._config = config
+        self.device = torch.device(config.device)
+        self._module: nn.Module | None = None
+        self._table: NoiseTable | None = None
+        self._offsets: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ user hooks
+    @abc.abstractmethod
+    def make_policy(self) -> nn.Module:
+        """A fresh policy module. Its initial parameters (drawn under
+        `torch.manual_seed(config.seed)`) become the training's starting point."""
+
+    @abc.abstractmethod
+    def score(
+        self, policy: PopulationPolicy, epoch: int, members: torch.Tensor
+    ) -> Sequence[float] | np.ndarray | torch.Tensor:
+        """Scores a batch of population members; returns one float per member.
+
+        `policy(x)` runs the policy with `x` of shape [B, ...], row b with the parameters
+        of member `members[b]` (int64 CPU tensor of population indices). Higher is better.
+        """
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def config(self) -> ESConfig:
+        """The training's ES config (from the state once joined), with this worker's device."""
+        return self._config
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The center parameters: flat float32 CPU tensor."""
+        return self.state.params
+
+    @property
+    def module(self) -> nn.Module:
+        """The policy's structure on the evaluation device (its own values are unused)."""
+        if self._module is None:
+            self._module = self.make_policy().to(self.device)
+        return self._module
+
+    def center_policy(self) -> nn.Module:
+        """A plain module holding the current center parameters (on the CPU)."""
+        return load_flat(self.make_policy(), self.params)
+
+    def noise_table(self) -> NoiseTable:
+        if self._table is None:
+            num_params = self.params.numel()
+            self._table = NoiseTable.for_params(
+                self._config.seed, num_params, self._config.noise_table_size
+            )
+        return self._table
+
+    # ------------------------------------------------------------------ protocol hooks
+    def on_hello(self) -> None:
+        if self.population_size != self._config.population_size:
+            raise ValueError(
+                f"population size mismatch: the server trains {self.population_size} members "
+                f"per epoch but this worker's ESConfig.population_size is "
+                f"{self._config.population_size}; start the server with --population-size "
+                f"{self._config.population_size} or change the config"
+            )
+
+    def initialize(self) -> TorchESState:
+        config = self._config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            params = flatten_params(self.make_policy())
+        table = NoiseTable.for_params(config.seed, params.numel(), config.noise_table_size)
+        self._table = table
+        return initial_state(params, config.replace(device="cpu"), table)
+
+    def on_state_change(self, state: TorchESState) -> None:
+        shared = state.config
+        mine = {k: getattr(self._config, k) for k in _LOCAL_FIELDS}
+        adopted = shared.replace(**mine)
+        if adopted != self._config:
+            differing = [
+                f"{k}={getattr(shared, k)!r}"
+                for k in shared.to_dict()
+                if k not in _LOCAL_FIELDS and getattr(shared, k) != getattr(self._config, k)
+            ]
+            log.warning("adopting the training's config (%s)", ", ".join(differing))
+            self._table = None
+        self._config = adopted
+        check_noise(state, self.noise_table())
+
+    def evaluate(self, epoch: int, slices: list[slice]) -> list[Eval]:
+        # The noise is keyed by the state's own epoch counter (updates applied so far), not
+        # by the server's epoch number, so it cannot drift from the parameters it perturbs.
+        state = self.state
+        members = torch.cat([torch.arange(s.start, s.stop) for s in slices])
+        offsets, signs = self._member_offsets(state.epoch, state.params.numel())
+        params = perturbed_params(
+            state.params,
+            self.noise_table(),
+            offsets,
+            signs,
+            self._config.sigma,
+            members,
+            device=self.device,
+        )
+        policy = PopulationPolicy(self.module, params)
+        with torch.no_grad():
+            raw = self.score(policy, epoch, members)
+        if isinstance(raw, torch.Tensor):
+            raw = raw.detach().to("cpu", torch.float64).numpy()
+        rewards = check_rewards(raw, members.numpy(), self._config.nan_penalty)
+        return Eval.from_flat(slices, rewards.tolist())
+
+    def optimize(self, epoch: int, rewards: list[float]) -> TorchESState:
+        # advance() returns a new state, never an in-place update: a hook abandoned mid-way
+        # (lost connection) must not leave a half-updated state behind.
+        return self.state.advance(np.asarray(rewards, dtype=np.float64), self.noise_table())
+
+    def _member_offsets(self, epoch: int, num_params: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every task of an epoch needs the same offsets: compute them once per epoch.
+        cached = self._offsets
+        if cached is None or cached[0] != epoch:
+            table = self.noise_table()
+            offsets, signs = member_offsets(
+                self._config.seed,
+                epoch,
+                self._config.population_size,
+                num_params,
+                table.size,
+                self._config.antithetic,
+            )
+            cached = self._offsets = (epoch, offsets, signs)
+        return cached[1], cached[2]

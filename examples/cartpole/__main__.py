@@ -1,0 +1,5 @@
+import sys
+
+from examples.cartpole.cartpole import main
+
+sys.exit(main())
