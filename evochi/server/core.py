@@ -1,0 +1,915 @@
+"""The training as a pure, synchronous state machine.
+
+No gRPC, no asyncio, no clock, no I/O: every method takes the current time as ``now`` (any
+monotonic clock, in seconds) and returns a list of commands for the adapter to carry out
+(send an event to a worker, close a worker's stream, log/measure something). Invalid
+requests raise a :class:`CoreError` carrying the gRPC status code name, and change nothing.
+
+Vocabulary:
+- *epoch E* starts from ``state`` (the start state of E, ``None`` before initialization);
+  its members' rewards are evaluated, every worker optimizes with the whole reward vector,
+  one worker shares its new state, which is the start state of E + 1.
+- a worker's ``state_epoch`` is the epoch whose start state it holds (0 = no state yet).
+  Only workers at the current epoch evaluate; a worker behind (a late joiner, a straggler)
+  is first given the optimize steps it missed, so its copy never falls behind.
+- each member is *recorded* at most once per epoch (a boolean mask); ``cover`` counts the
+  open evaluate tasks holding a member, so that a lost task returns exactly the members
+  nobody else holds or has recorded to the stack of unassigned slices.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Close",
+    "CoreConfig",
+    "CoreError",
+    "EpochCompleted",
+    "EpochSummary",
+    "Evaluate",
+    "FailedPrecondition",
+    "Hello",
+    "Initialize",
+    "InvalidArgument",
+    "NotFound",
+    "Optimize",
+    "Reissued",
+    "ResourceExhausted",
+    "Send",
+    "ShareState",
+    "Stage",
+    "StateChanged",
+    "Stop",
+    "TaskFinished",
+    "Training",
+    "TrainingFinished",
+    "TrainingSnapshot",
+    "Unauthenticated",
+    "WorkerJoined",
+    "WorkerLeft",
+]
+
+# How many past epochs' reward vectors are kept for workers catching up on missed optimize
+# steps; a worker further behind is dropped (it rejoins and receives the state in hello).
+REWARD_HISTORY = 4
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CoreError(Exception):
+    """A rejected request; ``code`` is the name of a ``grpc.StatusCode`` member."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CoreError):
+    code = "INVALID_ARGUMENT"
+
+
+class FailedPrecondition(CoreError):
+    code = "FAILED_PRECONDITION"
+
+
+class NotFound(CoreError):
+    code = "NOT_FOUND"
+
+
+class Unauthenticated(CoreError):
+    code = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(CoreError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(slots=True, frozen=True)
+class Hello:
+    worker_id: str
+    token: str
+    state: bytes | None
+    population_size: int
+    heartbeat_interval: int
+    max_epochs: int
+
+
+@dataclass(slots=True, frozen=True)
+class Evaluate:
+    task_id: str
+    epoch: int
+    slices: tuple[tuple[int, int], ...]
+
+
+@dataclass(slots=True, frozen=True)
+class Optimize:
+    task_id: str
+    epoch: int
+    # Shared, read-only: the same array object goes to every worker of an epoch.
+    rewards: np.ndarray
+
+
+@dataclass(slots=True, frozen=True)
+class Initialize:
+    task_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class ShareState:
+    task_id: str
+    epoch: int
+
+
+@dataclass(slots=True, frozen=True)
+class Stop:
+    task_id: str
+
+
+Event = Hello | Evaluate | Optimize | Initialize | ShareState | Stop
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass(slots=True, frozen=True)
+class Send:
+    """Send ``event`` on the Subscribe stream of ``worker_id``."""
+
+    worker_id: str
+    event: Event
+
+
+@dataclass(slots=True, frozen=True)
+class Close:
+    """End the Subscribe stream of ``worker_id`` (after what was sent before).
+
+    ``code`` is None for a normal end (training finished), else the name of the gRPC status
+    the stream ends with, so that the worker knows it was removed and may rejoin.
+    """
+
+    worker_id: str
+    reason: str
+    code: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class EpochSummary:
+    """One completed epoch, as handed to ``on_epoch`` callbacks."""
+
+    epoch: int
+    seconds: float
+    workers: int
+    rewards: np.ndarray
+    # The start state of the next epoch, as sent by the sharing worker.
+    state: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class EpochCompleted:
+    summary: EpochSummary
+
+
+@dataclass(slots=True, frozen=True)
+class StateChanged:
+    """A new start state exists (after initialization or an epoch): persist it."""
+
+    epoch: int
+    state: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class TrainingFinished:
+    epoch: int
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerJoined:
+    worker_id: str
+    cores: int
+    workers: int
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerLeft:
+    worker_id: str
+    reason: str
+    workers: int
+    # Members whose evaluation went back on the stack, and whether an initialize or
+    # share-state task has to be re-assigned.
+    returned_members: int
+    reassigned_task: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class TaskFinished:
+    kind: str
+    seconds: float
+
+
+@dataclass(slots=True, frozen=True)
+class Reissued:
+    """Members of a straggling evaluate task handed to an idle worker as well."""
+
+    members: int
+
+
+Command = (
+    Send
+    | Close
+    | EpochCompleted
+    | StateChanged
+    | TrainingFinished
+    | WorkerJoined
+    | WorkerLeft
+    | TaskFinished
+    | Reissued
+)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+class Stage(enum.Enum):
+    INIT = "init"  # no state yet: one worker initializes
+    EVALUATE = "evaluate"  # members are being evaluated
+    OPTIMIZE = "optimize"  # every worker applies the reward vector
+    SHARE = "share"  # one worker sends the next epoch's start state
+    DONE = "done"  # max epochs reached, stop was broadcast
+
+
+INITIALIZE = "initialize"
+EVALUATE = "evaluate"
+OPTIMIZE = "optimize"
+SHARE_STATE = "share_state"
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    id: str
+    kind: str
+    worker_id: str
+    epoch: int
+    assigned_at: float
+    deadline: float
+    slices: tuple[tuple[int, int], ...] = ()
+    # Optimize tasks handed out during the OPTIMIZE stage gate the share-state election;
+    # catch-up ones (a worker that fell behind) do not.
+    waited: bool = False
+    # Evaluate tasks: a copy went to an idle worker (each task is re-issued at most once).
+    duplicated: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class WorkerInfo:
+    id: str
+    token: str
+    cores: int
+    joined_at: float
+    hello_sent: bool = False
+    state_epoch: int = 0
+    next_seq: int = 1
+    heartbeat_deadline: float = math.inf
+    task: Task | None = None
+
+
+@dataclass(slots=True)
+class TrainingSnapshot:
+    """What survives a server restart: the epoch to run next and its start state."""
+
+    epoch: int
+    state: bytes | None
+
+
+@dataclass
+class CoreConfig:
+    population_size: int
+    max_epochs: int = 0
+    max_workers: int = 0
+    worker_timeout: float = 60.0
+    max_slices_per_eval: int = 0
+    straggler_reissue: bool = True
+    straggler_factor: float = 2.0
+    straggler_min_seconds: float = 1.0
+
+
+def _ranges(mask: np.ndarray, offset: int) -> list[tuple[int, int]]:
+    """The half-open runs of True in ``mask``, shifted by ``offset``."""
+    if mask.all():
+        return [(offset, offset + len(mask))]
+    if not mask.any():
+        return []
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1) + offset
+    ends = np.flatnonzero(edges == -1) + offset
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+@dataclass
+class _Ids:
+    """Unique ids; injectable so property tests are reproducible."""
+
+    prefix: str = field(default_factory=lambda: secrets.token_hex(4))
+    counter: int = 0
+
+    def next(self, kind: str) -> str:
+        self.counter += 1
+        return f"{kind}-{self.prefix}-{self.counter}"
+
+
+# --------------------------------------------------------------------------- the core
+
+
+class Training:
+    """One training: workers, tasks, epochs, slices and rewards."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        *,
+        token_factory: Callable[[str], str] | None = None,
+        snapshot: TrainingSnapshot | None = None,
+        ids: _Ids | None = None,
+    ) -> None:
+        if config.population_size < 1:
+            raise ValueError("population_size must be at least 1")
+        self.config = config
+        self._pop = config.population_size
+        self._timeout = float(config.worker_timeout)
+        self.heartbeat_interval = max(1, int(self._timeout / 2))
+        self._token_factory = token_factory or (lambda _wid: secrets.token_urlsafe(32))
+        self._ids = ids or _Ids()
+
+        self.epoch = 1
+        self.state: bytes | None = None
+        self.stage = Stage.INIT
+        if snapshot is not None and snapshot.state is not None:
+            self.epoch = snapshot.epoch
+            self.state = snapshot.state
+            self.stage = Stage.EVALUATE
+            if 0 < config.max_epochs < snapshot.epoch:
+                # Finished before the restart (raising max_epochs continues it instead).
+                self.epoch = snapshot.epoch - 1
+                self.stage = Stage.DONE
+
+        self.workers: dict[str, WorkerInfo] = {}
+        self._tokens: dict[str, str] = {}
+        self._tasks: dict[str, Task] = {}
+        # Insertion-ordered sets (dicts) so that scheduling is deterministic.
+        self._idle: dict[str, None] = {}
+        self._pending: dict[str, None] = {}  # registered, hello not sent yet
+        self._open_evals: dict[str, Task] = {}  # evaluate tasks of the current epoch
+        self._waited_optimizes = 0
+        self._share_task: Task | None = None
+        self._init_task: Task | None = None
+        self._history: dict[int, np.ndarray] = {}
+        self._frozen: np.ndarray | None = None
+        self._rates: list[float] = []  # seconds per member of finished evaluate tasks
+        self.epoch_started_at: float | None = None
+        self._reset_epoch_arrays()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def finished(self) -> bool:
+        return self.stage is Stage.DONE
+
+    @property
+    def recorded_members(self) -> int:
+        return self._n_recorded
+
+    def snapshot(self) -> TrainingSnapshot:
+        """The epoch to run next and its start state (what a restart continues from)."""
+        if self.stage is Stage.DONE:
+            return TrainingSnapshot(epoch=self.epoch + 1, state=self.state)
+        return TrainingSnapshot(epoch=self.epoch, state=self.state)
+
+    def authenticate(self, token: str) -> str:
+        """The id of the live worker holding ``token``; UNAUTHENTICATED otherwise."""
+        worker_id = self._tokens.get(token)
+        if worker_id is None:
+            raise Unauthenticated("unknown or expired worker token")
+        return worker_id
+
+    def check_invariants(self) -> None:
+        """Assert the bookkeeping is consistent (used by tests)."""
+        pop = self._pop
+        assert self._n_recorded == int(self.recorded.sum())
+        in_stack = np.zeros(pop, dtype=np.int32)
+        for s, e in self._stack:
+            assert 0 <= s < e <= pop, (s, e)
+            in_stack[s:e] += 1
+        assert (in_stack <= 1).all(), "a member is twice on the stack"
+        cover = np.zeros(pop, dtype=np.int32)
+        for t in self._open_evals.values():
+            for s, e in t.slices:
+                cover[s:e] += 1
+        assert (cover == self._cover).all(), "cover out of sync"
+        if self.stage is Stage.EVALUATE:
+            unrecorded = ~self.recorded
+            # Every member not yet recorded is either waiting on the stack or held by a
+            # task, never both and never neither.
+            assert ((in_stack > 0) != (cover > 0))[unrecorded].all(), "member lost or doubled"
+            assert (in_stack[self.recorded] == 0).all(), "recorded member on the stack"
+        for w in self.workers.values():
+            if w.task is not None:
+                assert self._tasks[w.task.id] is w.task
+                assert w.id not in self._idle
+            elif w.hello_sent:
+                assert w.id in self._idle, w
+        waited = sum(
+            1
+            for t in self._tasks.values()
+            if t.kind == OPTIMIZE and t.waited and t.epoch == self.epoch
+        )
+        assert waited == self._waited_optimizes, (waited, self._waited_optimizes)
+
+    # ------------------------------------------------------------------ events in
+
+    def join(self, cores: int, now: float) -> tuple[str, list[Command]]:
+        """Register a worker; returns its id and the commands (hello, maybe a task)."""
+        if cores <= 0:
+            raise InvalidArgument(f"cores must be positive, got {cores}")
+        if self.config.max_workers > 0 and len(self.workers) >= self.config.max_workers:
+            raise ResourceExhausted(f"the server accepts at most {self.config.max_workers} workers")
+        worker_id = self._ids.next("worker")
+        out: list[Command] = []
+        if self.stage is Stage.DONE:
+            # The training is over: tell the worker so and end its stream; nothing kept.
+            out.append(Send(worker_id, self._hello_event(worker_id, "")))
+            out.append(Send(worker_id, Stop(self._ids.next("stop"))))
+            out.append(Close(worker_id, "training finished"))
+            return worker_id, out
+        token = self._token_factory(worker_id)
+        w = WorkerInfo(id=worker_id, token=token, cores=int(cores), joined_at=now)
+        self.workers[worker_id] = w
+        self._tokens[token] = worker_id
+        self._pending[worker_id] = None
+        out.append(WorkerJoined(worker_id, w.cores, len(self.workers)))
+        self._schedule(now, out)
+        return worker_id, out
+
+    def leave(self, worker_id: str, now: float, reason: str = "left") -> list[Command]:
+        """The worker is gone (stream ended, timed out): re-assign its work."""
+        out: list[Command] = []
+        w = self.workers.get(worker_id)
+        if w is None:
+            return out
+        self._remove(w, now, reason, out, "CANCELLED")
+        self._schedule(now, out)
+        return out
+
+    def heartbeat(self, worker_id: str, seq_id: int, now: float) -> list[Command]:
+        w = self._worker(worker_id)
+        if seq_id != w.next_seq:
+            raise FailedPrecondition(f"heartbeat out of order: expected seq_id {w.next_seq}")
+        w.next_seq += 1
+        w.heartbeat_deadline = now + self._timeout
+        return []
+
+    def finish_initialization(
+        self, worker_id: str, task_id: str, state: bytes, now: float
+    ) -> list[Command]:
+        w = self._worker(worker_id)
+        task = self._task(w, task_id, INITIALIZE)
+        if not state:
+            raise InvalidArgument("state must not be empty")
+        out: list[Command] = []
+        self._complete(w, task, now, out)
+        self._init_task = None
+        self.state = bytes(state)
+        self.epoch = 1
+        self.stage = Stage.EVALUATE
+        self.epoch_started_at = now
+        self._reset_epoch_arrays()
+        w.state_epoch = 1
+        out.append(StateChanged(self.epoch, self.state))
+        self._schedule(now, out)
+        return out
+
+    def finish_evaluation(
+        self,
+        worker_id: str,
+        task_id: str,
+        evaluations: Sequence[tuple[int, int, Iterable[float]]],
+        now: float,
+    ) -> list[Command]:
+        """``evaluations``: (start, end, rewards) per slice, in any order."""
+        w = self._worker(worker_id)
+        task = self._task(w, task_id, EVALUATE)
+        arrays = self._validate_evaluations(task, evaluations)
+        out: list[Command] = []
+        current = task.epoch == self.epoch and self.stage is not Stage.DONE
+        if current:
+            recorded, rewards, cover = self.recorded, self.rewards, self._cover
+            for (s, e), arr in arrays:
+                seg = recorded[s:e]
+                if not seg.any():
+                    rewards[s:e] = arr
+                    seg[:] = True
+                    self._n_recorded += e - s
+                else:
+                    # Some members were recorded from a re-issued copy: first result wins.
+                    fresh = ~seg
+                    n = int(fresh.sum())
+                    if n:
+                        rewards[s:e][fresh] = arr[fresh]
+                        seg[fresh] = True
+                        self._n_recorded += n
+                cover[s:e] -= 1
+            self._open_evals.pop(task.id, None)
+            width = sum(e - s for s, e in task.slices)
+            self._rates.append((now - task.assigned_at) / width)
+        self._complete(w, task, now, out)
+        self._schedule(now, out)
+        return out
+
+    def finish_optimization(self, worker_id: str, task_id: str, now: float) -> list[Command]:
+        w = self._worker(worker_id)
+        task = self._task(w, task_id, OPTIMIZE)
+        out: list[Command] = []
+        if task.waited and task.epoch == self.epoch:
+            self._waited_optimizes -= 1
+        w.state_epoch = task.epoch + 1
+        self._complete(w, task, now, out)
+        self._schedule(now, out)
+        return out
+
+    def finish_share_state(
+        self, worker_id: str, task_id: str, state: bytes, now: float
+    ) -> list[Command]:
+        w = self._worker(worker_id)
+        task = self._task(w, task_id, SHARE_STATE)
+        if not state:
+            raise InvalidArgument("state must not be empty")
+        out: list[Command] = []
+        self._complete(w, task, now, out)
+        self._share_task = None
+        finished_epoch = self.epoch
+        assert self._frozen is not None
+        started = self.epoch_started_at if self.epoch_started_at is not None else now
+        summary = EpochSummary(
+            epoch=finished_epoch,
+            seconds=now - started,
+            workers=len(self.workers),
+            rewards=self._frozen,
+            state=bytes(state),
+        )
+        self.state = summary.state
+        max_epochs = self.config.max_epochs
+        if max_epochs > 0 and finished_epoch >= max_epochs:
+            # The epoch counter stays at the last epoch run; the snapshot records the state.
+            self.stage = Stage.DONE
+            out.append(EpochCompleted(summary))
+            out.append(StateChanged(finished_epoch + 1, self.state))
+            self._stop_all(out)
+            out.append(TrainingFinished(finished_epoch))
+            return out
+        self.epoch = finished_epoch + 1
+        self.stage = Stage.EVALUATE
+        self.epoch_started_at = now
+        self._reset_epoch_arrays()
+        out.append(EpochCompleted(summary))
+        out.append(StateChanged(self.epoch, self.state))
+        self._schedule(now, out)
+        return out
+
+    def tick(self, now: float) -> list[Command]:
+        """Remove workers that missed a heartbeat or a task deadline; re-issue stragglers."""
+        out: list[Command] = []
+        for w in list(self.workers.values()):
+            if w.hello_sent and now > w.heartbeat_deadline:
+                self._remove(w, now, "missed heartbeat", out)
+            elif w.task is not None and now > w.task.deadline:
+                self._remove(w, now, f"{w.task.kind} task deadline missed", out)
+        self._schedule(now, out)
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _reset_epoch_arrays(self) -> None:
+        pop = self._pop
+        self.rewards = np.zeros(pop, dtype=np.float32)
+        self.recorded = np.zeros(pop, dtype=bool)
+        self._cover = np.zeros(pop, dtype=np.int16)
+        self._n_recorded = 0
+        self._stack: list[tuple[int, int]] = [(0, pop)]
+        self._open_evals = {}
+        self._waited_optimizes = 0
+        self._frozen = None
+        self._rates = []
+
+    def _worker(self, worker_id: str) -> WorkerInfo:
+        w = self.workers.get(worker_id)
+        if w is None:
+            raise Unauthenticated("unknown or expired worker")
+        return w
+
+    def _task(self, w: WorkerInfo, task_id: str, kind: str) -> Task:
+        task = w.task
+        if task is None or task.id != task_id:
+            # Unknown ids, finished tasks, other workers' tasks and tasks of removed
+            # workers all look the same to the caller: not one of its open tasks.
+            other = self._tasks.get(task_id)
+            if other is not None:
+                raise NotFound(f"task {task_id!r} is not an open task of this worker")
+            raise NotFound(f"task {task_id!r} is unknown or already finished")
+        if task.kind != kind:
+            raise FailedPrecondition(f"task {task_id!r} is a {task.kind} task, not {kind}")
+        return task
+
+    def _validate_evaluations(
+        self, task: Task, evaluations: Sequence[tuple[int, int, Iterable[float]]]
+    ) -> list[tuple[tuple[int, int], np.ndarray]]:
+        if len(evaluations) != len(task.slices):
+            raise InvalidArgument(
+                f"expected {len(task.slices)} evaluations (one per assigned slice), "
+                f"got {len(evaluations)}"
+            )
+        assigned = set(task.slices)
+        seen: set[tuple[int, int]] = set()
+        arrays = []
+        for start, end, rewards in evaluations:
+            key = (int(start), int(end))
+            if key not in assigned:
+                raise InvalidArgument(f"slice [{start}, {end}) was not assigned in this task")
+            if key in seen:
+                raise InvalidArgument(f"slice [{start}, {end}) submitted twice")
+            seen.add(key)
+            arr = np.asarray(rewards, dtype=np.float32)
+            width = key[1] - key[0]
+            if arr.ndim != 1 or arr.shape[0] != width:
+                raise InvalidArgument(
+                    f"slice [{start}, {end}) needs {width} rewards, got {arr.size}"
+                )
+            if not np.isfinite(arr).all():
+                raise InvalidArgument(f"slice [{start}, {end}) has a NaN or infinite reward")
+            arrays.append((key, arr))
+        return arrays
+
+    def _new_task(self, w: WorkerInfo, kind: str, now: float, epoch: int, **kw: object) -> Task:
+        task = Task(
+            id=self._ids.next(kind),
+            kind=kind,
+            worker_id=w.id,
+            epoch=epoch,
+            assigned_at=now,
+            deadline=now + self._timeout,
+            **kw,  # type: ignore[arg-type]
+        )
+        self._tasks[task.id] = task
+        w.task = task
+        self._idle.pop(w.id, None)
+        return task
+
+    def _complete(self, w: WorkerInfo, task: Task, now: float, out: list[Command]) -> None:
+        del self._tasks[task.id]
+        w.task = None
+        self._idle[w.id] = None
+        out.append(TaskFinished(task.kind, now - task.assigned_at))
+
+    def _hello_event(self, worker_id: str, token: str) -> Hello:
+        return Hello(
+            worker_id=worker_id,
+            token=token,
+            state=self.state,
+            population_size=self._pop,
+            heartbeat_interval=self.heartbeat_interval,
+            max_epochs=self.config.max_epochs,
+        )
+
+    def _send_hello(self, w: WorkerInfo, now: float, out: list[Command]) -> None:
+        self._pending.pop(w.id, None)
+        w.hello_sent = True
+        w.state_epoch = self.epoch if self.state is not None else 0
+        w.heartbeat_deadline = now + self._timeout
+        self._idle[w.id] = None
+        out.append(Send(w.id, self._hello_event(w.id, w.token)))
+
+    def _remove(
+        self,
+        w: WorkerInfo,
+        now: float,
+        reason: str,
+        out: list[Command],
+        code: str = "DEADLINE_EXCEEDED",
+    ) -> None:
+        del self.workers[w.id]
+        self._tokens.pop(w.token, None)
+        self._idle.pop(w.id, None)
+        self._pending.pop(w.id, None)
+        returned = 0
+        reassigned: str | None = None
+        task = w.task
+        if task is not None:
+            del self._tasks[task.id]
+            w.task = None
+            if task.kind == EVALUATE and self._open_evals.pop(task.id, None) is not None:
+                returned = self._return_slices(task)
+            elif task.kind == OPTIMIZE:
+                if task.waited and task.epoch == self.epoch:
+                    self._waited_optimizes -= 1
+            elif task.kind == INITIALIZE:
+                self._init_task = None
+                reassigned = INITIALIZE
+            elif task.kind == SHARE_STATE:
+                self._share_task = None
+                reassigned = SHARE_STATE
+        out.append(Close(w.id, reason, code))
+        out.append(WorkerLeft(w.id, reason, len(self.workers), returned, reassigned))
+
+    def _return_slices(self, task: Task) -> int:
+        """Put back on the stack the members of a lost task nobody else will deliver."""
+        cover, recorded = self._cover, self.recorded
+        back: list[tuple[int, int]] = []
+        for s, e in task.slices:
+            cover[s:e] -= 1
+            back.extend(_ranges(~recorded[s:e] & (cover[s:e] == 0), s))
+        # Lowest members on top of the stack, so they are handed out first.
+        back.sort(reverse=True)
+        self._stack.extend(back)
+        return sum(e - s for s, e in back)
+
+    def _take_slices(self, cores: int) -> tuple[tuple[int, int], ...]:
+        stack = self._stack
+        limit = self.config.max_slices_per_eval
+        taken: list[tuple[int, int]] = []
+        budget = cores
+        while stack and budget > 0 and (limit <= 0 or len(taken) < limit):
+            s, e = stack.pop()
+            if e - s > budget:
+                stack.append((s + budget, e))
+                e = s + budget
+            taken.append((s, e))
+            budget -= e - s
+        return tuple(taken)
+
+    def _assign_evaluate(
+        self, w: WorkerInfo, slices: tuple[tuple[int, int], ...], now: float, out: list[Command]
+    ) -> Task:
+        cover = self._cover
+        for s, e in slices:
+            cover[s:e] += 1
+        task = self._new_task(w, EVALUATE, now, self.epoch, slices=slices)
+        self._open_evals[task.id] = task
+        out.append(Send(w.id, Evaluate(task.id, self.epoch, slices)))
+        return task
+
+    def _assign_optimize(
+        self,
+        w: WorkerInfo,
+        epoch: int,
+        rewards: np.ndarray,
+        waited: bool,
+        now: float,
+        out: list[Command],
+    ) -> None:
+        task = self._new_task(w, OPTIMIZE, now, epoch, waited=waited)
+        if waited:
+            self._waited_optimizes += 1
+        out.append(Send(w.id, Optimize(task.id, epoch, rewards)))
+
+    def _straggler(self, now: float) -> Task | None:
+        """The oldest open evaluate task that is late enough to be re-issued."""
+        cfg = self.config
+        if not cfg.straggler_reissue or self._stack or not self._open_evals:
+            return None
+        # Open tasks are in assignment order: if the oldest is younger than the floor, all
+        # are, and the (costlier) expected-duration estimate is not needed.
+        oldest = next(iter(self._open_evals.values()))
+        if now - oldest.assigned_at < cfg.straggler_min_seconds:
+            return None
+        rates = sorted(self._rates)
+        rate = rates[len(rates) // 2] if rates else 0.0
+        for task in self._open_evals.values():
+            if task.duplicated:
+                continue
+            width = sum(e - s for s, e in task.slices)
+            threshold = max(cfg.straggler_min_seconds, cfg.straggler_factor * rate * width)
+            if now - task.assigned_at >= threshold:
+                return task
+        return None
+
+    def _reissue(self, w: WorkerInfo, task: Task, now: float, out: list[Command]) -> bool:
+        recorded, cover = self.recorded, self._cover
+        limit = self.config.max_slices_per_eval
+        budget = w.cores
+        slices: list[tuple[int, int]] = []
+        for s, e in task.slices:
+            for rs, re_ in _ranges(~recorded[s:e] & (cover[s:e] == 1), s):
+                if budget <= 0 or (limit > 0 and len(slices) >= limit):
+                    break
+                re_ = min(re_, rs + budget)
+                slices.append((rs, re_))
+                budget -= re_ - rs
+        task.duplicated = True
+        if not slices:
+            return False
+        dup = self._assign_evaluate(w, tuple(slices), now, out)
+        dup.duplicated = True  # a copy is never copied again
+        out.append(Reissued(sum(e - s for s, e in slices)))
+        return True
+
+    def _stop_all(self, out: list[Command]) -> None:
+        for w in list(self.workers.values()):
+            if not w.hello_sent:
+                out.append(Send(w.id, self._hello_event(w.id, w.token)))
+            out.append(Send(w.id, Stop(self._ids.next("stop"))))
+            out.append(Close(w.id, "training finished"))
+        self.workers.clear()
+        self._tokens.clear()
+        self._idle.clear()
+        self._pending.clear()
+        self._tasks.clear()
+        self._open_evals.clear()
+
+    def _schedule(self, now: float, out: list[Command]) -> None:
+        """Hand work to idle workers and move the training forward."""
+        if self.stage is Stage.DONE:
+            return
+        if self.state is None:
+            self._schedule_init(now, out)
+            return
+        if self.epoch_started_at is None:
+            self.epoch_started_at = now  # restored from a snapshot
+        for wid in list(self._pending):
+            self._send_hello(self.workers[wid], now, out)
+        self._advance(now, out)
+        self._assign_idle(now, out)
+        self._advance(now, out)
+
+    def _schedule_init(self, now: float, out: list[Command]) -> None:
+        if self._init_task is not None:
+            return
+        # Prefer a worker that already has its hello (the previous initializer is gone, so
+        # only idle workers without state can be here), else the oldest pending one.
+        candidate = next(iter(self._idle), None) or next(iter(self._pending), None)
+        if candidate is None:
+            return
+        w = self.workers[candidate]
+        if not w.hello_sent:
+            self._send_hello(w, now, out)
+        self._init_task = self._new_task(w, INITIALIZE, now, 0)
+        out.append(Send(w.id, Initialize(self._init_task.id)))
+
+    def _advance(self, now: float, out: list[Command]) -> None:
+        if self.stage is Stage.EVALUATE and self._n_recorded == self._pop:
+            self.stage = Stage.OPTIMIZE
+            self._frozen = self.rewards.copy()
+            self._frozen.setflags(write=False)
+            self._history[self.epoch] = self._frozen
+            self._history.pop(self.epoch - REWARD_HISTORY, None)
+        if self.stage is Stage.OPTIMIZE and self._waited_optimizes == 0:
+            target = self.epoch + 1
+            if any(self.workers[wid].state_epoch == target for wid in self._idle):
+                self.stage = Stage.SHARE
+        if self.stage is Stage.SHARE and self._share_task is None:
+            target = self.epoch + 1
+            for wid in self._idle:
+                w = self.workers[wid]
+                if w.state_epoch == target:
+                    self._share_task = self._new_task(w, SHARE_STATE, now, self.epoch)
+                    out.append(Send(w.id, ShareState(self._share_task.id, self.epoch)))
+                    break
+
+    def _assign_idle(self, now: float, out: list[Command]) -> None:
+        if not self._idle:
+            return
+        epoch, stage = self.epoch, self.stage
+        no_straggler = False
+        for wid in list(self._idle):
+            w = self.workers[wid]
+            if w.state_epoch < epoch:
+                # Behind: replay the optimize steps it missed before it may evaluate.
+                rewards = self._history.get(w.state_epoch)
+                if rewards is None:
+                    self._remove(w, now, "too far behind the training", out, "ABORTED")
+                else:
+                    self._assign_optimize(w, w.state_epoch, rewards, False, now, out)
+                continue
+            if w.state_epoch != epoch:
+                continue  # already optimized this epoch: waits for the next one
+            if stage is Stage.EVALUATE:
+                if self._stack:
+                    self._assign_evaluate(w, self._take_slices(w.cores), now, out)
+                elif not no_straggler:
+                    task = self._straggler(now)
+                    if task is None:
+                        no_straggler = True  # the same answer for every other idle worker
+                    else:
+                        self._reissue(w, task, now, out)
+            elif stage is Stage.OPTIMIZE or stage is Stage.SHARE:
+                assert self._frozen is not None
+                self._assign_optimize(w, epoch, self._frozen, stage is Stage.OPTIMIZE, now, out)

@@ -1,0 +1,140 @@
+"""Run the server inside an asyncio program: tests, examples, benchmarks and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+import grpc.aio
+
+from evochi.server.config import ServerConfig
+from evochi.server.core import TrainingSnapshot
+from evochi.server.metrics import ServerMetrics
+from evochi.server.service import EpochCallback, EvochiService, server_options
+from evochi.server.store import CheckpointError, CheckpointStore, CheckpointWriter
+
+__all__ = ["EmbeddedServer"]
+
+log = logging.getLogger("evochi.server")
+
+
+class EmbeddedServer:
+    """An Evochi server on this event loop.
+
+    ``port=0`` picks a free port; ``address`` and ``port`` are known after ``start()``.
+    ``on_epoch`` (sync or async) is called once per completed epoch, in order, with an
+    :class:`EpochSummary`; its exceptions are logged and never stop the server.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_epoch: EpochCallback | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self._requested_port = port
+        self.on_epoch = on_epoch
+        self.metrics = metrics or ServerMetrics()
+        self._server: grpc.aio.Server | None = None
+        self._service: EvochiService | None = None
+        self.port: int = port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def service(self) -> EvochiService:
+        if self._service is None:
+            raise RuntimeError("the server is not started")
+        return self._service
+
+    @property
+    def epoch(self) -> int:
+        """The epoch currently running (the last one run once the training is finished)."""
+        return self.service.core.epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.service.finished.is_set()
+
+    @property
+    def state(self) -> bytes | None:
+        """The start state of the current epoch (the final state once finished)."""
+        return self.service.core.state
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        config = self.config
+        snapshot: TrainingSnapshot | None = None
+        writer: CheckpointWriter | None = None
+        if config.state_dir is not None:
+            store = CheckpointStore(Path(config.state_dir))
+            checkpoint = store.load()
+            if checkpoint is not None:
+                stored = checkpoint.config.get("population_size")
+                if stored != config.population_size:
+                    raise CheckpointError(
+                        f"{store.path} holds a training with population size {stored}, "
+                        f"not {config.population_size}"
+                    )
+                snapshot = TrainingSnapshot(epoch=checkpoint.epoch, state=checkpoint.state)
+                log.info("continuing the training in %s at epoch %d", store.path,
+                         checkpoint.epoch)  # fmt: skip
+            writer = CheckpointWriter(store)
+        service = EvochiService(
+            config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
+        )
+        server = grpc.aio.server(options=server_options(config))
+        server.add_generic_rpc_handlers((service.generic_handler(),))
+        target = f"{self.host}:{self._requested_port}"
+        if ":" in self.host:
+            target = f"[{self.host}]:{self._requested_port}"
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+            )
+            port = server.add_secure_port(target, credentials)
+        else:
+            port = server.add_insecure_port(target)
+        if port == 0:
+            raise OSError(f"could not listen on {target}")
+        self.port = port
+        await server.start()
+        service.start()
+        self._server, self._service = server, service
+
+    async def wait_finished(self, timeout: float | None = None) -> None:
+        """Return once max_epochs were run and stop was sent (TimeoutError after ``timeout``)."""
+        await asyncio.wait_for(self.service.finished.wait(), timeout)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """End all streams, wait up to ``grace`` seconds for RPCs in flight, flush state."""
+        server, service = self._server, self._service
+        if server is None or service is None:
+            return
+        self._server = None
+        await service.close()
+        await server.stop(grace)
+
+    async def __aenter__(self) -> EmbeddedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,72 @@
+"""Prometheus metrics, on a registry per server so embedded servers in one process never clash."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+# Task durations range from milliseconds (benchmarks) to many minutes (real evaluations).
+_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.workers = Gauge("evochi_workers", "Workers currently subscribed.", registry=r)
+        self.epoch = Gauge("evochi_epoch", "The epoch currently running.", registry=r)
+        self.epochs = Counter("evochi_epochs", "Epochs completed.", registry=r)
+        self.epoch_seconds = Histogram(
+            "evochi_epoch_duration_seconds", "Wall time of a completed epoch.", buckets=_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.task_seconds = Histogram(
+            "evochi_task_duration_seconds",
+            "Time from handing out a task to its successful completion.",
+            ["kind"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        # Bound once: labels() costs a lock and a dict lookup on every task otherwise.
+        self.task_seconds_by_kind = {
+            kind: self.task_seconds.labels(kind)
+            for kind in ("initialize", "evaluate", "optimize", "share_state")
+        }
+        self.joins = Counter("evochi_worker_joins", "Workers that subscribed.", registry=r)
+        self.leaves = Counter(
+            "evochi_worker_leaves", "Workers removed, by reason.", ["reason"], registry=r
+        )
+        self.reassignments = Counter(
+            "evochi_reassignments",
+            "Work re-assigned after a worker was lost (kind: evaluate members returned to "
+            "the stack counts 1 per lost task, initialize, share_state).",
+            ["kind"],
+            registry=r,
+        )
+        self.reissued_members = Counter(
+            "evochi_reissued_members",
+            "Members of straggling evaluate tasks copied to idle workers.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "evochi_rejected_requests",
+            "Requests answered with an error, by method and gRPC status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.reward_mean = Gauge(
+            "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
+        )
+        self._leave_reasons: set[str] = set()
+
+    def leave(self, reason: str) -> None:
+        # Reasons carry details ("evaluate task deadline missed"); keep the label set small.
+        key = "timeout" if ("deadline" in reason or "heartbeat" in reason) else reason
+        if key not in ("timeout", "left", "training finished", "server stopping"):
+            key = "other"
+        self.leaves.labels(key).inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        """Serve ``/metrics`` over HTTP on ``port`` (in a daemon thread)."""
+        start_http_server(port, addr=host, registry=self.registry)
