@@ -429,6 +429,9 @@ class Training:
                 assert w.id not in self._idle
             elif w.hello_sent:
                 assert w.id in self._idle, w
+                if self.state is not None:
+                    # An idle worker behind the training is always given its catch-up.
+                    assert w.state_epoch >= self.epoch, w
         waited = sum(
             1
             for t in self._tasks.values()
@@ -648,7 +651,8 @@ class Training:
             if key in seen:
                 raise InvalidArgument(f"slice [{start}, {end}) submitted twice")
             seen.add(key)
-            arr = np.asarray(rewards, dtype=np.float32)
+            with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: rejected
+                arr = np.asarray(rewards, dtype=np.float32)
             width = key[1] - key[0]
             if arr.ndim != 1 or arr.shape[0] != width:
                 raise InvalidArgument(
@@ -834,6 +838,7 @@ class Training:
         self._pending.clear()
         self._tasks.clear()
         self._open_evals.clear()
+        self._cover[:] = 0
 
     def _schedule(self, now: float, out: list[Command]) -> None:
         """Hand work to idle workers and move the training forward."""

@@ -1,0 +1,158 @@
+"""A simulated fleet driving the pure core directly: workers with inboxes and their own
+copy of the state, and a record of every accepted reward, to check the core's promises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evochi.server import core
+from evochi.server.core import CoreConfig, Training, _Ids
+
+
+def state_of(epoch: int) -> bytes:
+    """The start state of ``epoch`` in the simulation (workers derive it, like seeded ES)."""
+    return b"S%d" % epoch
+
+
+@dataclass
+class SimWorker:
+    id: str
+    cores: int
+    inbox: list[core.Event] = field(default_factory=list)
+    token: str | None = None
+    state: bytes | None = None
+    seq: int = 0
+    closed: bool = False
+    hung: bool = False  # stops heartbeating and answering, like a frozen process
+
+
+class Sim:
+    def __init__(self, **config: object) -> None:
+        config.setdefault("worker_timeout", 10.0)
+        self.t = Training(CoreConfig(**config), ids=_Ids(prefix="sim"))  # type: ignore[arg-type]
+        self.pop = self.t.config.population_size
+        self.now = 0.0
+        self.workers: dict[str, SimWorker] = {}
+        self.epochs: list[core.EpochSummary] = []
+        self.optimize_vectors: dict[int, np.ndarray] = {}
+        # The first accepted value of each member in each epoch: what the optimize vector must
+        # hold (first result wins, nothing lost, nothing counted twice).
+        self.first: dict[int, dict[int, float]] = {}
+        self.submissions = 0
+        self.finished = False
+        self.left: list[core.WorkerLeft] = []
+
+    # ------------------------------------------------------------------ plumbing
+
+    def apply(self, commands: list[core.Command]) -> list[core.Command]:
+        for c in commands:
+            if isinstance(c, core.Send):
+                w = self.workers.get(c.worker_id)
+                if w is not None and not w.closed:
+                    w.inbox.append(c.event)
+            elif isinstance(c, core.Close):
+                if c.worker_id in self.workers:
+                    self.workers[c.worker_id].closed = True
+            elif isinstance(c, core.EpochCompleted):
+                self.epochs.append(c.summary)
+            elif isinstance(c, core.TrainingFinished):
+                self.finished = True
+            elif isinstance(c, core.WorkerLeft):
+                self.left.append(c)
+        self.t.check_invariants()
+        return commands
+
+    def join(self, cores: int) -> SimWorker:
+        worker_id, commands = self.t.join(cores, self.now)
+        w = SimWorker(worker_id, cores)
+        self.workers[worker_id] = w
+        self.apply(commands)
+        return w
+
+    def leave(self, w: SimWorker) -> None:
+        w.closed = True
+        self.apply(self.t.leave(w.id, self.now))
+
+    def live(self) -> list[SimWorker]:
+        return [w for w in self.workers.values() if not w.closed]
+
+    def advance(self, dt: float, heartbeat: bool = True) -> None:
+        self.now += dt
+        if heartbeat:
+            for w in self.live():
+                if w.token is not None and not w.hung:
+                    w.seq += 1
+                    self.t.heartbeat(w.id, w.seq, self.now)
+        self.apply(self.t.tick(self.now))
+
+    # ------------------------------------------------------------------ a correct worker
+
+    def value(self, epoch: int, member: int) -> float:
+        # Exact in float32; differs per submission so that a double count would show.
+        return float(epoch * 100_000 + member * 10 + self.submissions % 7)
+
+    def step(self, w: SimWorker) -> bool:
+        """Handle the oldest event in ``w``'s inbox like a correct worker would."""
+        if w.closed or w.hung or not w.inbox:
+            return False
+        event = w.inbox.pop(0)
+        t, now = self.t, self.now
+        if isinstance(event, core.Hello):
+            w.token = event.token
+            w.state = event.state
+            assert event.population_size == self.pop
+        elif isinstance(event, core.Initialize):
+            assert w.state is None
+            w.state = state_of(1)
+            self.apply(t.finish_initialization(w.id, event.task_id, w.state, now))
+        elif isinstance(event, core.Evaluate):
+            # A worker evaluates only with the start state of that epoch.
+            assert w.state == state_of(event.epoch), (w.state, event)
+            self.submissions += 1
+            evaluations = []
+            for s, e in event.slices:
+                evaluations.append((s, e, [self.value(event.epoch, m) for m in range(s, e)]))
+            before_epoch, before_stage = t.epoch, t.stage
+            self.apply(t.finish_evaluation(w.id, event.task_id, evaluations, now))
+            if event.epoch == before_epoch and before_stage is core.Stage.EVALUATE:
+                first = self.first.setdefault(event.epoch, {})
+                for s, e, values in evaluations:
+                    for m, v in zip(range(s, e), values, strict=True):
+                        first.setdefault(m, v)
+        elif isinstance(event, core.Optimize):
+            # Optimize steps arrive in order from the worker's own state: never skips one.
+            assert w.state == state_of(event.epoch), (w.state, event.epoch)
+            vector = np.array(event.rewards)
+            seen = self.optimize_vectors.setdefault(event.epoch, vector)
+            assert np.array_equal(seen, vector), "workers got different reward vectors"
+            w.state = state_of(event.epoch + 1)
+            self.apply(t.finish_optimization(w.id, event.task_id, now))
+        elif isinstance(event, core.ShareState):
+            assert w.state == state_of(event.epoch + 1)
+            self.apply(t.finish_share_state(w.id, event.task_id, w.state, now))
+        elif isinstance(event, core.Stop):
+            pass
+        return True
+
+    def run(self, max_steps: int = 100_000, dt: float = 0.01, until_epochs: int = 0) -> None:
+        """Let every live, non-hung worker work until nothing is left to do (or until
+        ``until_epochs`` epochs completed)."""
+        for _ in range(max_steps):
+            if until_epochs and len(self.epochs) >= until_epochs:
+                return
+            progressed = False
+            for w in list(self.live()):
+                progressed |= self.step(w)
+            if not progressed:
+                return
+            self.advance(dt)
+        raise AssertionError("the simulation did not settle")
+
+    def check_vectors(self) -> None:
+        for epoch, vector in self.optimize_vectors.items():
+            first = self.first.get(epoch, {})
+            assert len(first) == self.pop, f"epoch {epoch}: {self.pop - len(first)} lost"
+            expected = np.array([first[m] for m in range(self.pop)], dtype=np.float32)
+            assert np.array_equal(vector, expected), f"epoch {epoch}: wrong rewards"
