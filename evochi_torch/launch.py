@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import logging
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,9 +290,11 @@ async def train(
     async def epoch_hook(summary: Any) -> None:
         if on_epoch is None:
             return
-        result = on_epoch(summary)
-        if isinstance(result, Awaitable):
-            result = await result
+        if inspect.iscoroutinefunction(on_epoch):
+            result = await on_epoch(summary)
+        else:
+            # In a thread: a callback that evaluates or saves must not stall the server.
+            result = await asyncio.to_thread(on_epoch, summary)
         if result is True:
             stop_early.set()
 
@@ -302,19 +305,22 @@ async def train(
             finished = asyncio.ensure_future(server.wait_finished())
             early = asyncio.ensure_future(stop_early.wait())
             supervised = asyncio.ensure_future(procs.supervise())
-            await asyncio.wait({finished, early, supervised}, return_when="FIRST_COMPLETED")
+            waiters = {finished, early, supervised}
+            await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
             stopped_early = early.done() and not finished.done()
-            if stopped_early:
-                await server.stop_training()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(supervised), timeout=procs.grace)
-            for task in (finished, early, supervised):
+            all_dead = supervised.done() and not (finished.done() or early.done())
+            for task in waiters:
                 task.cancel()
-            if not finished.done() and not stopped_early and supervised.done():
+            if all_dead:
                 raise RuntimeError(
                     "every worker process ended before the training finished: "
                     + "; ".join(e.describe() for e in procs.exits)
                 )
             epochs = server.epoch
+            if stopped_early:
+                stop_training = getattr(server, "stop_training", None)  # TODO(server API)
+                await (stop_training() if stop_training else server.stop(grace=0.5))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(procs.supervise(), timeout=procs.grace)
     crashed = [e for e in procs.exits if e.exitcode not in (0, None)]
     return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)

@@ -128,13 +128,13 @@ class Worker(abc.ABC, Generic[S]):
     ) -> None:
         if not isinstance(cores, int) or cores <= 0:
             raise ValueError(f"cores must be a positive integer, got {cores!r}")
-        if isinstance(channel, str):
-            self._target = channel
-            channel = insecure_channel(channel)
-        else:
-            self._target = "the server"
-        self._channel = channel
-        self._stub = pb_grpc.EvochiServiceStub(channel)
+        # A channel given as an address is made in start(): grpc.aio channels belong to an
+        # event loop, and a worker may well be built before one runs.
+        self._target = channel if isinstance(channel, str) else "the server"
+        self._channel: grpc.aio.Channel | None = None if isinstance(channel, str) else channel
+        self._stub: pb_grpc.EvochiServiceStub | None = (
+            None if self._channel is None else pb_grpc.EvochiServiceStub(self._channel)
+        )
         self._cores = cores
         self._codec: StateCodec[S] = (
             codec if codec is not None else PickleZstdCodec(_state_types(type(self)))
@@ -239,6 +239,9 @@ class Worker(abc.ABC, Generic[S]):
         """
         if self._closed:
             raise RuntimeError("the worker is closed")
+        if self._channel is None:
+            self._channel = insecure_channel(self._target)
+            self._stub = pb_grpc.EvochiServiceStub(self._channel)
         attempt = 0
         while True:
             try:
@@ -268,7 +271,8 @@ class Worker(abc.ABC, Generic[S]):
         self._closed = True
         if self._session is not None:
             self._session.cancel()
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> Worker[S]:
         return self
@@ -277,11 +281,18 @@ class Worker(abc.ABC, Generic[S]):
         await self.close()
 
     # ----------------------------------------------------------------- internals
+    @property
+    def _rpc(self) -> pb_grpc.EvochiServiceStub:
+        if self._stub is None:
+            raise RuntimeError("the worker is not started")
+        return self._stub
+
     def _forget_session(self) -> None:
         self._id = self._token = None
 
     async def _wait_for_server(self) -> None:
         try:
+            assert self._channel is not None
             await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout)
         except TimeoutError:
             raise ServerUnavailableError(
@@ -291,7 +302,7 @@ class Worker(abc.ABC, Generic[S]):
 
     async def _run_session(self) -> bool:
         metadata = (("authorization", f"Bearer {self._join_token}"),) if self._join_token else None
-        call = self._stub.Subscribe(pb.SubscribeRequest(cores=self._cores), metadata=metadata)
+        call = self._rpc.Subscribe(pb.SubscribeRequest(cores=self._cores), metadata=metadata)
         heartbeats: asyncio.Task[None] | None = None
         try:
             try:
@@ -341,19 +352,19 @@ class Worker(abc.ABC, Generic[S]):
             request = pb.FinishEvaluationRequest(
                 task_id=ev.task_id, evaluations=_to_evaluations(slices, evals)
             )
-            await self._finish(self._stub.FinishEvaluation, request)
+            await self._finish(self._rpc.FinishEvaluation, request)
         elif kind == pb.EVENT_TYPE_OPTIMIZE:
             ev = event.optimize
             self._epoch = ev.epoch
             state = await _call_hook(self.optimize, ev.epoch, list(ev.rewards))
             await self._set_state(state)
             await self._finish(
-                self._stub.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
+                self._rpc.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
             )
         elif kind == pb.EVENT_TYPE_SHARE_STATE:
             blob = await asyncio.to_thread(self._codec.encode, self.state)
             await self._finish(
-                self._stub.FinishShareState,
+                self._rpc.FinishShareState,
                 pb.FinishShareStateRequest(task_id=event.share_state.task_id, state=blob),
             )
         elif kind == pb.EVENT_TYPE_INITIALIZE:
@@ -361,7 +372,7 @@ class Worker(abc.ABC, Generic[S]):
             await self._set_state(state)
             blob = await asyncio.to_thread(self._codec.encode, state)
             await self._finish(
-                self._stub.FinishInitialization,
+                self._rpc.FinishInitialization,
                 pb.FinishInitializationRequest(task_id=event.initialize.task_id, state=blob),
             )
         elif kind == pb.EVENT_TYPE_STOP:
@@ -423,7 +434,7 @@ class Worker(abc.ABC, Generic[S]):
             timestamp = timestamp_pb2.Timestamp()
             timestamp.GetCurrentTime()
             try:
-                response = await self._stub.Heartbeat(
+                response = await self._rpc.Heartbeat(
                     pb.HeartbeatRequest(seq_id=seq_id, timestamp=timestamp),
                     metadata=self._metadata(),
                     timeout=max(2.0 * interval, 10.0),

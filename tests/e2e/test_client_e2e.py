@@ -1,0 +1,192 @@
+"""evochi.v1.Worker against the real server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+import evochi.v1 as evochi
+from evochi.server import EmbeddedServer, ServerConfig
+
+
+def run(coro, timeout: float = 60.0):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(guarded())
+
+
+@dataclass
+class State:
+    seed: float
+    updates: int = 0
+
+
+class ReadmeWorker(evochi.Worker[State]):
+    """The seed README's example, unchanged but for the counters the test reads."""
+
+    def __init__(self, channel, cores: int, **kwargs) -> None:
+        super().__init__(channel, cores, **kwargs)
+        self.threads: set[int] = set()
+        self.evaluated: list[tuple[int, int, int]] = []
+        self.optimized: list[tuple[int, list[float]]] = []
+        self.stopped = False
+
+    def initialize(self) -> State:
+        return State(seed=42)
+
+    def evaluate(self, epoch: int, slices: list[slice]) -> list[evochi.Eval]:
+        self.threads.add(threading.get_ident())
+        self.evaluated += [(epoch, s.start, s.stop) for s in slices]
+        return [
+            evochi.Eval(slice=s, rewards=[float(epoch * 1000 + i) for i in range(s.start, s.stop)])
+            for s in slices
+        ]
+
+    def optimize(self, epoch: int, rewards: list[float]) -> State:
+        self.optimized.append((epoch, rewards))
+        return State(seed=self.state.seed, updates=self.state.updates + 1)
+
+    def on_stop(self, cancel) -> None:
+        self.stopped = True
+
+
+def test_readme_worker_trains_to_max_epochs_with_hooks_off_the_loop() -> None:
+    async def main() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=10, max_epochs=3)) as server:
+            worker = ReadmeWorker(evochi.insecure_channel(server.address), cores=4)
+            await worker.start()
+            await worker.close()
+            assert worker.stopped
+            assert threading.get_ident() not in worker.threads  # hooks ran in a thread
+            assert [e for e, _ in worker.optimized] == [1, 2, 3]
+            for epoch, rewards in worker.optimized:
+                assert rewards == [float(epoch * 1000 + i) for i in range(10)]
+            assert worker.state.updates == 3
+            assert worker.population_size == 10 and worker.max_epochs == 3
+            # every member of every epoch evaluated exactly once, in tasks of <= 4 members
+            for epoch in (1, 2, 3):
+                covered = sorted(
+                    m for e, a, b in worker.evaluated if e == epoch for m in range(a, b)
+                )
+                assert covered == list(range(10))
+            assert all(b - a <= 4 for _, a, b in worker.evaluated)
+
+    run(main())
+
+
+class AsyncWorker(evochi.Worker[dict]):
+    async def initialize(self) -> dict:
+        return {"n": 0}
+
+    async def evaluate(self, epoch, slices):
+        await asyncio.sleep(0)
+        return evochi.Eval.from_flat(slices, [1.0] * sum(s.stop - s.start for s in slices))
+
+    async def optimize(self, epoch, rewards):
+        return {"n": self.state["n"] + 1}
+
+
+def test_async_hooks_are_awaited_and_late_joiner_gets_state() -> None:
+    async def main() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=6, max_epochs=4)) as server:
+            first = AsyncWorker(server.address, cores=3)
+            task = asyncio.create_task(first.start())
+            while server.epoch < 2:
+                await asyncio.sleep(0.01)
+            second = AsyncWorker(server.address, cores=3)
+            await asyncio.gather(task, second.start())
+            assert first.state == second.state == {"n": 4}
+            await first.close()
+            await second.close()
+
+    run(main())
+
+
+def test_rejected_subscription_raises() -> None:
+    async def main() -> None:
+        config = ServerConfig(population_size=4, max_epochs=50, max_workers=1)
+        async with EmbeddedServer(config) as server:
+            first = AsyncWorker(server.address, cores=2)
+            task = asyncio.create_task(first.start())
+            while not first.ready:
+                await asyncio.sleep(0.01)
+            second = AsyncWorker(server.address, cores=2)
+            with pytest.raises(evochi.SubscriptionRejectedError) as info:
+                await second.start()
+            assert info.value.code.name == "RESOURCE_EXHAUSTED"
+            await second.close()
+            task.cancel()
+            await first.close()
+
+    run(main())
+
+
+class BrokenWorker(AsyncWorker):
+    async def evaluate(self, epoch, slices):
+        return (
+            [evochi.Eval(slice(0, 1), [1.0])]
+            if slices[0].start != 0
+            else [evochi.Eval(s, [float("nan")] * (s.stop - s.start)) for s in slices]
+        )
+
+
+def test_bad_results_raise_locally_and_the_training_goes_on() -> None:
+    async def main() -> None:
+        config = ServerConfig(population_size=8, max_epochs=2, worker_timeout=5.0)
+        async with EmbeddedServer(config) as server:
+            broken = BrokenWorker(server.address, cores=4)
+            with pytest.raises(ValueError, match="non-finite rewards|not assigned"):
+                await broken.start()
+            await broken.close()
+            good = AsyncWorker(server.address, cores=4)
+            await good.start()  # picks up the broken worker's slices and finishes
+            assert good.state == {"n": 2}
+            await good.close()
+
+    run(main())
+
+
+def test_server_going_away_is_a_clear_error_not_a_hang() -> None:
+    async def main() -> None:
+        server = EmbeddedServer(ServerConfig(population_size=4, max_epochs=0))
+        await server.start()
+        worker = AsyncWorker(server.address, cores=2)
+        task = asyncio.create_task(worker.start())
+        while server.epoch < 3:
+            await asyncio.sleep(0.01)
+        await server.stop(grace=0)
+        # Either the stream broke (EvochiError) or the server ended it cleanly and start()
+        # returned; what must not happen is a hang.
+        with contextlib.suppress(evochi.EvochiError):
+            await asyncio.wait_for(task, 10)
+        await worker.close()
+
+    run(main())
+
+
+def test_reconnect_rejoins_as_a_new_worker() -> None:
+    async def main() -> None:
+        config = ServerConfig(population_size=4, max_epochs=0)
+        server = EmbeddedServer(config)
+        await server.start()
+        port = server.port
+        policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
+        worker = AsyncWorker(f"127.0.0.1:{port}", cores=2, reconnect=policy, connect_timeout=5)
+        task = asyncio.create_task(worker.start())
+        while server.epoch < 2:
+            await asyncio.sleep(0.01)
+        first_id = worker.id
+        await server.stop(grace=0)
+        second = EmbeddedServer(ServerConfig(population_size=4, max_epochs=2), port=port)
+        await second.start()
+        await asyncio.wait_for(task, 20)
+        assert worker.id != first_id
+        await worker.close()
+        await second.stop()
+
+    run(main(), timeout=60)
