@@ -104,6 +104,9 @@ class WorkerSpec:
 
 
 def _child_main(spec: WorkerSpec, address: str, device: str, index: int) -> None:
+    # Ctrl-C reaches the whole process group; the supervisor alone handles it and stops
+    # the children with SIGTERM, so they leave cleanly instead of dying mid-traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s worker{index} %(levelname)s %(name)s: %(message)s",

@@ -114,7 +114,9 @@ class Args:
     eval_episodes: int = 10
     """episodes of the center policy per epoch"""
     name: str | None = None
-    """run directory under runs/ (default: cartpole-s<seed>)"""
+    """run directory name (default: cartpole-s<seed>)"""
+    runs_dir: Path = Path("runs")
+    """where run directories are written"""
     play: Path | None = None
     """instead of training: load this policy .safetensors and play episodes"""
     gif: Path | None = None
@@ -186,7 +188,7 @@ def run(args: Args) -> dict:
         learning_rate=args.learning_rate,
         seed=args.seed,
     )
-    run_dir = Path("runs") / (args.name or f"cartpole-s{args.seed}")
+    run_dir = args.runs_dir / (args.name or f"cartpole-s{args.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(
         json.dumps(

@@ -1,0 +1,105 @@
+"""`evochi-torch`: train, worker, crash reporting and Ctrl-C, as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evochi.server import EmbeddedServer, ServerConfig
+from evochi_torch.launch import parse_devices, spread
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
+
+
+def launcher(*args: str) -> list[str]:
+    return [sys.executable, "-m", "evochi_torch", *args]
+
+
+def test_device_parsing_and_spreading() -> None:
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert parse_devices("all") == ([f"cuda:{i}" for i in range(gpus)] or ["cpu"])
+    with pytest.raises(ValueError, match="not a device"):
+        parse_devices("gpu7")
+    assert spread(["cuda:0", "cuda:1"], 3) == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+def test_help_explains_every_flag() -> None:
+    for command in ("train", "worker"):
+        out = subprocess.run(launcher(command, "--help"), capture_output=True, text=True, env=ENV)
+        assert out.returncode == 0
+        for flag in ("--devices", "--cores", "--sigma", "--learning-rate", "--population-size"):
+            assert flag in out.stdout, (command, flag)
+    bad = subprocess.run(launcher("train", "nope:Nothing"), capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and "cannot import module 'nope'" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_train_runs_an_embedded_server_and_local_workers() -> None:
+    out = subprocess.run(
+        launcher("train", "toy_workers:ToyRegression", "--workers", "2", "--max-epochs", "3"),
+        capture_output=True, text=True, env=ENV, timeout=100,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "trained epochs=3" in out.stdout
+
+
+def _start_worker_cli(target: str, address: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        launcher("worker", target, "--server", address, *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_worker_crashes_are_reported() -> None:
+    async def main() -> tuple[int, str]:
+        config = ServerConfig(population_size=24, max_epochs=0, worker_timeout=30.0)
+        async with EmbeddedServer(config) as server:
+            proc = _start_worker_cli(
+                "toy_workers:CrashOnFirstTask", server.address, "--workers", "2"
+            )
+            while proc.poll() is None:
+                await asyncio.sleep(0.1)
+            return proc.returncode, proc.stderr.read()
+
+    code, stderr = asyncio.run(main())
+    assert code == 1
+    assert "worker 0 on cpu exited with code 3" in stderr
+    assert "worker 1 on cpu exited with code 3" in stderr
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_worker_cleanly() -> None:
+    async def main() -> tuple[int, float, int, int]:
+        config = ServerConfig(population_size=24, max_epochs=0, worker_timeout=30.0)
+        async with EmbeddedServer(config) as server:
+            proc = _start_worker_cli("toy_workers:ToyRegression", server.address, "--workers", "2")
+            while server.epoch < 3:
+                assert proc.poll() is None, proc.stderr.read()
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            while proc.poll() is None:
+                await asyncio.sleep(0.05)
+            waited = time.monotonic() - sent
+            # With every worker gone the training cannot advance.
+            await asyncio.sleep(1.0)
+            epoch = server.epoch
+            await asyncio.sleep(1.0)
+            return proc.returncode, waited, epoch, server.epoch
+
+    code, waited, before, after = asyncio.run(main())
+    assert code == 130
+    assert waited < 15
+    assert before == after
