@@ -40,6 +40,7 @@ class StubWorker:
         self.seq = 0
         self._metadata = tuple(metadata)
         self._heartbeats: asyncio.Task[None] | None = None
+        self._read: asyncio.Future[Any] | None = None
 
     @property
     def token(self) -> str:
@@ -58,8 +59,18 @@ class StubWorker:
         self.hello = event.hello
         return event.hello
 
+    async def read(self, timeout: float | None = 10.0) -> Any:
+        """The next stream item (or EOF); a timeout never cancels the stream itself."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(self.call.read())
+        done, _ = await asyncio.wait({self._read}, timeout=timeout)
+        if not done:
+            raise TimeoutError("no event")
+        read, self._read = self._read, None
+        return read.result()
+
     async def next_event(self, timeout: float = 10.0) -> pb.SubscribeResponse:
-        event = await asyncio.wait_for(self.call.read(), timeout)
+        event = await self.read(timeout)
         assert event is not grpc.aio.EOF, "stream ended"
         return event
 
@@ -70,7 +81,7 @@ class StubWorker:
 
     async def no_event(self, within: float = 0.3) -> None:
         with contextlib.suppress(TimeoutError):
-            event = await asyncio.wait_for(self.call.read(), within)
+            event = await self.read(within)
             raise AssertionError(f"unexpected event {event}")
 
     async def heartbeat(self, seq: int | None = None) -> pb.HeartbeatResponse:
@@ -131,6 +142,8 @@ class StubWorker:
         """Vanish like a crashed process: cancel the stream and stop heartbeating."""
         if self._heartbeats is not None:
             self._heartbeats.cancel()
+        if self._read is not None:
+            self._read.cancel()
         if self.call is not None:
             self.call.cancel()
         await asyncio.sleep(0)
@@ -147,3 +160,44 @@ async def expect_error(awaitable: Any, code: grpc.StatusCode) -> grpc.aio.AioRpc
         assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
         return err
     raise AssertionError(f"expected {code}, the call succeeded")
+
+
+def reward_of(epoch: int, member: int) -> float:
+    """A known reward per (epoch, member), exact in float32."""
+    return float(epoch * 10_000 + member)
+
+
+async def play(
+    worker: StubWorker,
+    *,
+    reward: Callable[[int, int], float] = reward_of,
+    state: Callable[[int], bytes] = lambda epoch: b"state-%d" % epoch,
+    vectors: dict[int, list[float]] | None = None,
+    stop_after: Callable[[pb.SubscribeResponse], bool] | None = None,
+) -> list[pb.SubscribeResponse]:
+    """Behave as a correct worker until stop, the end of the stream, or ``stop_after``."""
+    seen: list[pb.SubscribeResponse] = []
+    if worker.hello is None:
+        await worker.subscribe()
+    if worker._heartbeats is None:
+        worker.start_heartbeats()
+    while True:
+        event = await worker.read(None)
+        if event is grpc.aio.EOF:
+            return seen
+        seen.append(event)
+        if event.type == pb.EVENT_TYPE_INITIALIZE:
+            await worker.finish_initialization(event.initialize.task_id, state(1))
+        elif event.type == pb.EVENT_TYPE_EVALUATE:
+            await worker.evaluate(event, reward)
+        elif event.type == pb.EVENT_TYPE_OPTIMIZE:
+            if vectors is not None:
+                vectors.setdefault(event.optimize.epoch, list(event.optimize.rewards))
+            await worker.finish_optimization(event.optimize.task_id)
+        elif event.type == pb.EVENT_TYPE_SHARE_STATE:
+            ss = event.share_state
+            await worker.finish_share_state(ss.task_id, state(ss.epoch + 1))
+        elif event.type == pb.EVENT_TYPE_STOP:
+            pass
+        if stop_after is not None and stop_after(event):
+            return seen
