@@ -17,6 +17,7 @@ Two execution paths, same results (up to float rounding):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +60,19 @@ _ELEMENTWISE = (
 
 
 _CONTIGUOUS_COPY_LIMIT = 1 << 24  # elements of the stacked [B, P] parameters
+
+
+def _tanh_via_sigmoid_(h: torch.Tensor) -> torch.Tensor:
+    # tanh(x) = 2 * sigmoid(2x) - 1, in place. torch's CPU tanh kernel is ~6x slower than its
+    # sigmoid here (169 vs 29 us for 256x8x64 on the AVX-512 dev box), and tanh dominated the
+    # MLP forward. Absolute error <= ~2.5e-7 (no relative accuracy near 0), irrelevant for a
+    # policy; used on CPU only.
+    return h.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+_Step = (
+    nn.Module | Callable[[torch.Tensor], torch.Tensor] | tuple[torch.Tensor, torch.Tensor | None]
+)
 
 
 @dataclass(frozen=True)
@@ -189,7 +203,7 @@ class PopulationPolicy:
             raise ValueError(f"mode must be 'auto', 'vmap' or 'bmm', got {mode!r}")
         self.mode: Literal["vmap", "bmm"] = "bmm" if fast and mode != "vmap" else "vmap"
         self._spec = {s.name: s for s in self.layout}
-        self._plan: list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._plan: list[_Step] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -224,13 +238,13 @@ class PopulationPolicy:
         s = self._spec[name]
         return self.params[:, s.offset : s.offset + s.numel].view(self.batch_size, *shape)
 
-    def _build_plan(self) -> list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]]:
+    def _build_plan(self) -> list[_Step]:
         items = _iter_mlp(self.module, "")
         assert items is not None
         # Row-major [B, in, out] weight copies make bmm ~20% faster than the strided views;
         # only worth the memory while the stacked weights are small.
         copy = self.params.numel() <= _CONTIGUOUS_COPY_LIMIT
-        plan: list[nn.Module | tuple[torch.Tensor, torch.Tensor | None]] = []
+        plan: list[_Step] = []
         for name, layer in items:
             if isinstance(layer, nn.Linear):
                 w = self._cols(f"{name}.weight", layer.out_features, layer.in_features)
@@ -242,6 +256,8 @@ class PopulationPolicy:
                     w = w.contiguous()
                     bias = None if bias is None else bias.contiguous()
                 plan.append((w, bias))
+            elif type(layer) is nn.Tanh and self.params.device.type == "cpu":
+                plan.append(_tanh_via_sigmoid_)
             else:
                 plan.append(layer)
         return plan
@@ -254,10 +270,15 @@ class PopulationPolicy:
             self._plan = self._build_plan()
         middle = x.shape[1:-1]
         h = x.reshape(b, -1, x.shape[-1])
+        fresh = False  # True once h is our own intermediate, safe to modify in place
         for step in self._plan:
             if isinstance(step, tuple):
                 w, bias = step
                 h = torch.bmm(h, w) if bias is None else torch.baddbmm(bias, h, w)
+                fresh = True
+            elif step is _tanh_via_sigmoid_:
+                h = _tanh_via_sigmoid_(h if fresh else h.clone())
+                fresh = True
             else:
                 h = step(h)
         return h.reshape(b, *middle, h.shape[-1])

@@ -174,3 +174,16 @@ def test_end_to_end_with_perturbed_params():
     torch.testing.assert_close(
         PopulationPolicy(m, params)(x), loop_reference(m, params, x), rtol=1e-5, atol=1e-5
     )
+
+
+def test_fast_path_leading_activation_does_not_modify_the_input():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2), nn.Tanh())
+    params = population(m, 3)
+    x = torch.randn(3, 5)
+    before = x.clone()
+    policy = PopulationPolicy(m, params)
+    assert policy.mode == "bmm"
+    out = policy(x)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, loop_reference(m, params, x), rtol=0, atol=1e-6)
