@@ -30,8 +30,10 @@ from .noise import (
     NOISE_FORMAT,
     NoiseTable,
     default_table_size,
+    epoch_offsets,
     member_offsets,
     noise_weighted_sum,
+    perturb_members,
     perturbed_params,
 )
 from .optim import OptState, apply_update, es_gradient, es_step, init_optimizer_state
@@ -65,6 +67,7 @@ __all__ = [
     "decode_state",
     "default_table_size",
     "encode_state",
+    "epoch_offsets",
     "es_gradient",
     "es_step",
     "flatten_params",
@@ -79,6 +82,7 @@ __all__ = [
     "noise_weighted_sum",
     "num_params",
     "param_layout",
+    "perturb_members",
     "perturbed_params",
     "raw",
     "save_checkpoint",

@@ -34,12 +34,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .config import ESConfig
+
 __all__ = [
     "NOISE_FORMAT",
     "NoiseTable",
     "default_table_size",
+    "epoch_offsets",
     "member_offsets",
     "noise_weighted_sum",
+    "perturb_members",
     "perturbed_params",
 ]
 
@@ -125,6 +129,11 @@ class NoiseTable:
                 f"noise table size {size} must exceed the parameter count {num_params}"
             )
         return cls.from_seed(seed, size)
+
+    @classmethod
+    def for_config(cls, config: ESConfig, num_params: int) -> NoiseTable:
+        """The run's table: ``config.seed`` and ``config.noise_table_size`` (or automatic)."""
+        return cls.for_params(config.seed, num_params, config.noise_table_size)
 
     @classmethod
     def _generate(cls, seed: int, size: int) -> NoiseTable:
@@ -234,6 +243,33 @@ def member_offsets(
         offsets = draw_offsets
         signs = np.ones(population_size, dtype=np.float32)
     return torch.from_numpy(offsets), torch.from_numpy(signs)
+
+
+def epoch_offsets(
+    config: ESConfig, epoch: int, num_params: int, table: NoiseTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`member_offsets` for a run: ``(offsets int64[npop], signs float32[npop])``."""
+    return member_offsets(
+        config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
+    )
+
+
+def perturb_members(
+    center: torch.Tensor,
+    table: NoiseTable,
+    config: ESConfig,
+    epoch: int,
+    members: Members,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Parameters ``[len(members), P]`` of some members of ``epoch``, on ``config.device``.
+
+    The one call an evaluator needs: :func:`epoch_offsets` + :func:`perturbed_params` with the
+    run's sigma. ``device`` overrides ``config.device``.
+    """
+    offsets, signs = epoch_offsets(config, epoch, center.numel(), table)
+    device = config.device if device is None else device
+    return perturbed_params(center, table, offsets, signs, config.sigma, members, device)
 
 
 def _as_index(members: Members, population_size: int) -> torch.Tensor:

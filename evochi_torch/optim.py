@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import ESConfig
-from .noise import NoiseTable, member_offsets, noise_weighted_sum
+from .noise import NoiseTable, epoch_offsets, noise_weighted_sum
 from .shaping import shape_fitness
 
 __all__ = [
@@ -68,9 +68,7 @@ def es_gradient(
             f"got {r.size} rewards for a population of {config.population_size} members"
         )
     weights = shape_fitness(r, config.fitness_shaping)
-    offsets, signs = member_offsets(
-        config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
-    )
+    offsets, signs = epoch_offsets(config, epoch, num_params, table)
     scale = 1.0 / (config.population_size * config.sigma)
     return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
 

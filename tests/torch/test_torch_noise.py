@@ -6,10 +6,14 @@ import torch
 
 from evochi_torch import (
     NOISE_FORMAT,
+    ESConfig,
     NoiseTable,
+    PopulationPolicy,
     default_table_size,
+    epoch_offsets,
     member_offsets,
     noise_weighted_sum,
+    perturb_members,
     perturbed_params,
 )
 
@@ -230,3 +234,48 @@ def test_noise_weighted_sum_rejects_bad_input(table):
         noise_weighted_sum(table, offs, signs, [1.0, float("nan"), 0.0, 0.0], 10)
     with pytest.raises(ValueError, match="outside"):
         noise_weighted_sum(table, offs + table.size, signs, [1.0] * 4, 10)
+
+
+def test_config_helpers_match_the_explicit_calls():
+    cfg = ESConfig(population_size=6, sigma=0.3, seed=3, noise_table_size=SIZE + 12_345)
+    table = NoiseTable.for_config(cfg, 100)
+    assert table.size == SIZE + 12_345 and table.seed == 3
+    offs, signs = epoch_offsets(cfg, 2, 100, table)
+    ref = member_offsets(3, 2, 6, 100, table.size, True)
+    assert torch.equal(offs, ref[0]) and torch.equal(signs, ref[1])
+    center = torch.linspace(-1, 1, 100)
+    rows = perturb_members(center, table, cfg, 2, [5, 0])
+    assert torch.equal(rows, perturbed_params(center, table, offs, signs, 0.3, [5, 0]))
+    auto = NoiseTable.for_config(cfg.replace(noise_table_size=None), 100)
+    assert auto.size == default_table_size(100)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_perturbed_params_on_cuda_match_cpu(table):
+    p, npop = 4097, 8
+    center = torch.randn(p, generator=torch.Generator().manual_seed(5))
+    offs, signs = member_offsets(3, 1, npop, p, table.size)
+    cpu = perturbed_params(center, table, offs, signs, 0.1, [1, 2, 7])
+    gpu = perturbed_params(center, table, offs, signs, 0.1, [1, 2, 7], device="cuda")
+    assert gpu.device.type == "cuda"
+    assert table.to("cuda") is table.to("cuda")  # copied once
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["bmm", "vmap"])
+def test_population_policy_on_cuda(mode):
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    flat = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    params = flat + 0.1 * torch.randn(4, flat.numel())
+    x = torch.randn(4, 2, 5)
+    cpu = PopulationPolicy(m, params, mode=mode)(x)
+    gpu = PopulationPolicy(m.to("cuda"), params.to("cuda"), mode=mode)(x)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
