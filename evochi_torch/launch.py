@@ -320,9 +320,10 @@ async def train(
                     + "; ".join(e.describe() for e in procs.exits)
                 )
             epochs = server.epoch
-            if stopped_early:
-                stop_training = getattr(server, "stop_training", None)  # TODO(server API)
-                await (stop_training() if stop_training else server.stop(grace=0.5))
+            stop_training = getattr(server, "stop_training", None)  # TODO(server API)
+            if stopped_early and stop_training is not None:
+                # Workers get stop and leave by themselves; SIGTERM only for stragglers.
+                await stop_training()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(procs.supervise(), timeout=procs.grace)
     crashed = [e for e in procs.exits if e.exitcode not in (0, None)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -269,8 +270,13 @@ class Worker(abc.ABC, Generic[S]):
         if self._closed:
             return
         self._closed = True
-        if self._session is not None:
-            self._session.cancel()
+        session = self._session
+        if session is not None and not session.done():
+            # Let the session unwind (stop heartbeats, cancel the stream) before the
+            # channel goes away under it.
+            session.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await session
         if self._channel is not None:
             await self._channel.close()
 
