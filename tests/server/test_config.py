@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ from evochi.server.config import (
     parse_duration,
     resolve_config,
 )
+from evochi.v1 import evochi_pb2 as pb
 from tests.server.helpers import StubWorker, play, run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,9 +234,12 @@ def test_cli_runs_a_training_serves_metrics_and_exits_when_finished() -> None:
         async def worker() -> None:
             w = StubWorker(f"127.0.0.1:{port}", cores=4)
 
-            def scrape(event: object) -> bool:
-                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
-                    metrics.append(r.read().decode())
+            def scrape(event: pb.SubscribeResponse) -> bool:
+                # After the last share-state answer the server exits: scrapes may fail then.
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    url = f"http://127.0.0.1:{metrics_port}/metrics"
+                    with urllib.request.urlopen(url, timeout=5) as r:
+                        metrics.append(r.read().decode())
                 return False
 
             await play(w, stop_after=scrape)
