@@ -5,8 +5,10 @@ Dense baseline (the es-torch approach)::
     h = randn(npop / 2, P); noise = cat([h, -h]); g = einsum("np,n->p", noise, w) / (npop * sigma)
 
 evochi: ``es_step`` (fitness shaping, streamed weighted sum over shared-noise-table windows,
-Adam update). Both apply the same Adam update. Step times are measured side by side in this
-process (interleaved repeats, median); peak memory of each is measured in its own subprocess as
+Adam update). Also timed, as the measured design alternative to the table: one seeded
+generator per antithetic pair, streamed (``--no-per-member`` skips it). All apply the same
+Adam update. Step times are measured side by side in this process (interleaved repeats,
+median); peak memory of each is measured in its own subprocess as
 ``ru_maxrss`` after the work minus ``ru_maxrss`` before it. The noise table is generated once
 per worker process: its time is reported separately and excluded from the step time, but its
 memory *is* counted in evochi's peak.
@@ -62,6 +64,20 @@ def dense_step(params, opt_state, rewards, epoch, config, gen):
     return apply_update(params, grad, opt_state, config)
 
 
+def per_member_step(params, opt_state, rewards, epoch, config):
+    """The design alternative to a noise table: seed a generator per antithetic pair and stream."""
+    npop, p = config.population_size, params.numel()
+    w = shape_fitness(rewards, config.fitness_shaping)
+    acc = torch.zeros(p)
+    eps = torch.empty(p)
+    gen = torch.Generator()
+    for k in range(npop // 2):
+        gen.manual_seed((config.seed * 1_000_003 + epoch) * 1_000_003 + k)
+        torch.randn(p, generator=gen, out=eps)
+        acc.add_(eps.mul_(float(w[2 * k] - w[2 * k + 1]) / (npop * config.sigma)))
+    return apply_update(params, acc, opt_state, config)
+
+
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -102,7 +118,9 @@ def measure_memory(npop: int, p: int) -> tuple[float, float]:
     return _peak_in_subprocess("dense", npop, p), _peak_in_subprocess("evochi", npop, p)
 
 
-def bench_shape(npop: int, p: int, repeats: int, dense_mib: float, ours_mib: float) -> None:
+def bench_shape(
+    npop: int, p: int, repeats: int, dense_mib: float, ours_mib: float, per_member: bool
+) -> None:
     config = _config(npop)
     t0 = time.perf_counter()
     table = NoiseTable.for_params(config.seed, p)
@@ -112,13 +130,17 @@ def bench_shape(npop: int, p: int, repeats: int, dense_mib: float, ours_mib: flo
     gen = torch.Generator().manual_seed(0)
     # Warm-up (first-touch page faults, allocator) for both, then interleave timed repeats.
     es_step(params, opt_state, _rewards(npop, 0), 0, table, config)
-    dense_times, ours_times = [], []
+    dense_times, ours_times, seeded_times = [], [], []
     for epoch in range(1, repeats + 1):
         rewards = _rewards(npop, epoch)
         t0 = time.perf_counter()
         dense_step(params, opt_state, rewards, epoch, config, gen)
         dense_times.append(time.perf_counter() - t0)
         gc.collect()
+        if per_member:
+            t0 = time.perf_counter()
+            per_member_step(params, opt_state, rewards, epoch, config)
+            seeded_times.append(time.perf_counter() - t0)
         # Ours is cheap: time it several times per round so one noisy sample on this shared
         # machine does not decide the median.
         for _ in range(OURS_PER_ROUND):
@@ -137,6 +159,13 @@ def bench_shape(npop: int, p: int, repeats: int, dense_mib: float, ours_mib: flo
         f" {min(ours_times):.3f} s)",
         flush=True,
     )
+    if seeded_times:
+        seeded_s = statistics.median(seeded_times)
+        print(
+            f"es_update npop={npop} params={p}: design alternative, per-pair seeded generator "
+            f"streamed (no table): {seeded_s:.3f} s/step = {seeded_s / ours_s:.1f}x the table's",
+            flush=True,
+        )
     # ru_maxrss is a high-water mark: tiny shapes stay below the import-time peak (ratio n/a).
     ratio = f"{ours_mib / dense_mib:.3f}" if dense_mib >= 1 else "n/a"
     print(
@@ -149,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="NPOPxPARAMS,... list")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-per-member",
+        action="store_true",
+        help="skip timing the per-member seeded alternative to the noise table",
+    )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "NPOP", "PARAMS"), help="internal")
     args = parser.parse_args(argv)
     if args.child:
@@ -158,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     memory = {shape: measure_memory(*shape) for shape in shapes}
     for npop, p in shapes:
-        bench_shape(npop, p, args.repeats, *memory[(npop, p)])
+        bench_shape(npop, p, args.repeats, *memory[(npop, p)], not args.no_per_member)
 
 
 if __name__ == "__main__":
