@@ -1,8 +1,11 @@
 import contextlib
+import itertools
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evochi_torch import (
     NOISE_FORMAT,
@@ -279,3 +282,44 @@ def test_population_policy_on_cuda(mode):
     gpu = PopulationPolicy(m.to("cuda"), params.to("cuda"), mode=mode)(x)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+def test_fingerprint_covers_every_table_value():
+    from evochi_torch.noise import _fingerprint
+
+    data = NoiseTable.from_seed(4, 4096, cache=False).data.numpy().copy()
+    reference = _fingerprint(4, data)
+    data[4000] = np.nextafter(data[4000], np.float32(np.inf))  # one ulp, far from the start
+    assert _fingerprint(4, data) != reference
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    npairs=st.integers(1, 12),
+    p=st.integers(1, 300),
+    epoch=st.integers(0, 10**6),
+    antithetic=st.booleans(),
+    cuts=st.lists(st.integers(0, 24), max_size=4),
+)
+def test_any_slicing_of_the_population_gives_the_same_members(npairs, p, epoch, antithetic, cuts):
+    table = NoiseTable.from_seed(3, SIZE + 12_345)
+    npop = 2 * npairs
+    offs, signs = member_offsets(3, epoch, npop, p, table.size, antithetic)
+    center = torch.linspace(-1, 1, p)
+    full = perturbed_params(center, table, offs, signs, 0.1, range(npop))
+    bounds = sorted({0, npop, *(min(c, npop) for c in cuts)})
+    parts = [
+        perturbed_params(center, table, offs, signs, 0.1, range(a, b))
+        for a, b in itertools.pairwise(bounds)
+    ]
+    assert torch.equal(torch.cat(parts), full)
+    # The weighted sum is exactly the documented float32 recurrence for any size.
+    w = np.linspace(-1.0, 2.0, npop)
+    coef: dict[int, float] = {}
+    for o, wi, si in zip(offs.tolist(), w.tolist(), signs.tolist(), strict=True):
+        coef[o] = coef.get(o, 0.0) + wi * si
+    expected = np.zeros(p, dtype=np.float32)
+    data = table.data.numpy()
+    for o, c in coef.items():
+        expected = expected + np.float32(c * 0.5) * data[o : o + p]
+    assert np.array_equal(noise_weighted_sum(table, offs, signs, w, p, scale=0.5), expected)
