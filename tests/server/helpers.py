@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,6 +18,8 @@ import grpc.aio
 
 from evochi.v1 import evochi_pb2 as pb
 from evochi.v1 import evochi_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[2]
 
 OPTIONS = [
     ("grpc.max_send_message_length", 1 << 30),
@@ -201,3 +209,34 @@ async def play(
             pass
         if stop_after is not None and stop_after(event):
             return seen
+
+
+def cli(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVOCHI_")}
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "evochi.server", *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError("the server did not listen")

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +18,7 @@ from evochi.server.config import (
     resolve_config,
 )
 from evochi.v1 import evochi_pb2 as pb
-from tests.server.helpers import StubWorker, play, run
+from tests.server.helpers import StubWorker, cli, free_port, play, run, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,20 +130,6 @@ def test_dataclass_validates_direct_use() -> None:
     assert ServerConfig(population_size=3, worker_timeout=1).heartbeat_interval == 1
 
 
-def cli(*args: str, env: dict[str, str] | None = None, **kw: object) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("EVOCHI_")}
-    full_env.update(env or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", "evochi.server", *args],
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 def test_help_explains_every_flag_with_env_names() -> None:
     out, _ = cli("--help").communicate(timeout=30)
     for flag in (
@@ -182,23 +163,6 @@ def test_cli_reports_bad_configuration() -> None:
     proc = cli("--population-size=4", "--worker-timeout=forever")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "invalid duration" in out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[0]
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("the server did not listen")
 
 
 @pytest.mark.timeout(60)
