@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -47,3 +48,49 @@ def mse(params: torch.Tensor) -> float:
     module = load_flat(ToyRegression.make_policy(None), params)  # type: ignore[arg-type]
     with torch.no_grad():
         return float(((module(_X) - _Y) ** 2).mean())
+
+
+class DiesAt(ToyRegression):
+    """Kills its own process with SIGKILL at one point of the protocol, like a preempted
+    machine: `die_at` is "initialize", "evaluate:E", "optimize:E" or "share:E" (E = the
+    number of updates in the state when it happens)."""
+
+    def __init__(self, *args, die_at: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.die_at = die_at
+        codec = self.codec
+        worker = self
+
+        class DyingCodec:
+            def encode(self, state):
+                # Share-state encodes a state that already includes the epoch's update.
+                if worker.die_at == f"share:{state.epoch}":
+                    _die()
+                return codec.encode(state)
+
+            def decode(self, data):
+                return codec.decode(data)
+
+        self._codec = DyingCodec()
+
+    def initialize(self):
+        if self.die_at == "initialize":
+            _die()
+        return super().initialize()
+
+    def evaluate(self, epoch, slices):
+        if self.die_at == f"evaluate:{self.state.epoch}":
+            _die()
+        time.sleep(0.05)  # epochs slow enough for workers still starting to take part
+        return super().evaluate(epoch, slices)
+
+    def optimize(self, epoch, rewards):
+        if self.die_at == f"optimize:{self.state.epoch}":
+            _die()
+        return super().optimize(epoch, rewards)
+
+
+def _die() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,160 @@
+"""Faults change nothing: SIGKILLed workers, late joiners and a restarted server give the
+same bits as a fault-free run, and every member's reward is counted exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
+from evochi_torch import TorchESState, decode_state
+from evochi_torch.launch import WorkerProcesses, WorkerSpec
+
+EPOCHS = 10
+POPULATION = 24
+
+
+def run(coro, timeout: float = 180.0):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(guarded())
+
+
+def spec(die_at: str = "", cores: int = 5) -> WorkerSpec:
+    kwargs = {"die_at": die_at} if die_at else {}
+    return WorkerSpec("toy_workers:DiesAt", cores=cores, kwargs=kwargs, threads=1, reconnect=False)
+
+
+async def reference() -> tuple[TorchESState, dict[int, np.ndarray]]:
+    rewards: dict[int, np.ndarray] = {}
+
+    def record(summary: EpochSummary) -> None:
+        rewards[summary.epoch] = summary.rewards.copy()
+
+    config = ServerConfig(population_size=POPULATION, max_epochs=EPOCHS, worker_timeout=30.0)
+    async with EmbeddedServer(config, on_epoch=record) as server:
+        with WorkerProcesses(spec(), server.address, ["cpu"]):
+            await server.wait_finished()
+        return decode_state(server.state), rewards
+
+
+def assert_same(a: TorchESState, b: TorchESState) -> None:
+    assert a.epoch == b.epoch == EPOCHS
+    assert torch.equal(a.params, b.params)
+    for key in a.opt_state:
+        assert torch.equal(a.opt_state[key], b.opt_state[key]), key
+
+
+@pytest.fixture(scope="module")
+def fault_free() -> tuple[TorchESState, dict[int, np.ndarray]]:
+    return run(reference())
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_every_phase_and_churn_change_nothing(fault_free) -> None:
+    ref_state, ref_rewards = fault_free
+    # Doomed workers each SIGKILL themselves at one point of the protocol; fault-free
+    # workers join late at random epochs (fixed seed).
+    doomed = ["optimize:2", "evaluate:1", "share:3", "evaluate:4", "optimize:6", "share:5",
+              "evaluate:7", "share:8"]  # fmt: skip
+    late_joins = sorted(random.Random(1234).sample(range(2, 9), 3))
+
+    async def chaos() -> tuple[TorchESState, dict[int, np.ndarray]]:
+        rewards: dict[int, np.ndarray] = {}
+
+        def record(summary: EpochSummary) -> None:
+            assert summary.epoch not in rewards, "an epoch completed twice"
+            rewards[summary.epoch] = summary.rewards.copy()
+
+        # worker_timeout bounds how long a killed worker's task can stay assigned.
+        config = ServerConfig(population_size=POPULATION, max_epochs=EPOCHS, worker_timeout=3.0)
+        groups = []
+        async with EmbeddedServer(config, on_epoch=record) as server:
+            try:
+                # The first worker dies while initializing; the others join meanwhile.
+                groups.append(WorkerProcesses(spec("initialize"), server.address, ["cpu"]).start())
+                await asyncio.sleep(0.3)
+                for point in [*doomed, ""]:
+                    groups.append(WorkerProcesses(spec(point, 3), server.address, ["cpu"]).start())
+                for join_epoch in late_joins:
+                    while server.epoch < join_epoch and not server.finished:
+                        await asyncio.sleep(0.01)
+                    groups.append(WorkerProcesses(spec(), server.address, ["cpu"]).start())
+                await server.wait_finished()
+                state = server.state
+            finally:
+                for group in groups:
+                    group.poll()
+                    group.stop()
+        killed = [e for g in groups for e in g.exits if e.exitcode == -signal.SIGKILL]
+        # initialize and both optimize deaths are certain (every worker optimizes); the
+        # evaluate and share-state ones depend on which worker gets which task.
+        assert len(killed) >= 3, f"only {len(killed)} workers were killed: {killed}"
+        assert groups[0].exits[0].exitcode == -signal.SIGKILL  # died in initialize
+        return decode_state(state), rewards
+
+    state, rewards = run(chaos(), timeout=280)
+    assert_same(state, ref_state)
+    assert sorted(rewards) == list(range(1, EPOCHS + 1))
+    for epoch, expected in ref_rewards.items():
+        # The same reward for every member: nothing lost, nothing counted twice.
+        np.testing.assert_array_equal(rewards[epoch], expected)
+
+
+@pytest.mark.timeout(300)
+def test_server_restart_with_state_dir_loses_nothing(
+    fault_free, tmp_path: Path, unused_port
+) -> None:
+    ref_state, _ = fault_free
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [
+        sys.executable, "-m", "evochi.server", "--population-size", str(POPULATION),
+        "--max-epochs", str(EPOCHS), "--port", str(unused_port), "--host", "127.0.0.1",
+        "--state-dir", str(tmp_path / "training"), "--worker-timeout", "10s",
+    ]  # fmt: skip
+
+    def start_server() -> subprocess.Popen:
+        return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+
+    async def wait_for_line(proc: subprocess.Popen, needle: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, proc.stderr.readline)
+            if not line:
+                raise AssertionError(f"server exited before logging {needle!r}")
+            if needle in line:
+                return
+
+    async def main() -> None:
+        server = start_server()
+        reconnecting = WorkerSpec("toy_workers:DiesAt", cores=7, threads=1, reconnect=True)
+        with WorkerProcesses(reconnecting, f"127.0.0.1:{unused_port}", ["cpu", "cpu"]):
+            try:
+                await wait_for_line(server, "epoch=4 ")
+                server.kill()  # no goodbye: a crash, not a clean shutdown
+                server.wait()
+                server = start_server()
+                await wait_for_line(server, "training finished")
+                # A finished standalone server flushes its state dir and exits by itself.
+                loop = asyncio.get_running_loop()
+                assert await loop.run_in_executor(None, server.wait, 60) == 0
+            finally:
+                server.kill()
+                server.wait()
+
+    run(main(), timeout=280)
+    from evochi.server.store import CheckpointStore
+
+    stored = CheckpointStore(tmp_path / "training").load()
+    assert stored is not None
+    assert_same(decode_state(stored.state), ref_state)
