@@ -273,11 +273,10 @@ def perturb_members(
 
 
 def _as_index(members: Members, population_size: int) -> torch.Tensor:
-    idx = torch.as_tensor(
-        np.asarray(members, dtype=np.int64)
-        if not isinstance(members, torch.Tensor)
-        else members.to(torch.int64)
-    ).reshape(-1)
+    if isinstance(members, torch.Tensor):
+        idx = members.to(device="cpu", dtype=torch.int64).reshape(-1)
+    else:
+        idx = torch.from_numpy(np.asarray(members, dtype=np.int64).reshape(-1))
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= population_size):
         raise IndexError(f"member indices must be in [0, {population_size}), got {members!r}")
     return idx
