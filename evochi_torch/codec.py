@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import hmac
 import importlib.metadata
@@ -79,6 +80,12 @@ class NoiseMismatchError(RuntimeError):
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that determine numerics, recorded in every state."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
+    # importlib.metadata scans the installed distributions: do it once per process.
     try:
         evochi = importlib.metadata.version("evochi")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
