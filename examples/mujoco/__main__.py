@@ -1,0 +1,5 @@
+import sys
+
+from examples.mujoco.mujoco import main
+
+sys.exit(main())
