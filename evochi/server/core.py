@@ -366,6 +366,10 @@ class Training:
 
         self.workers: dict[str, WorkerInfo] = {}
         self._tokens: dict[str, str] = {}
+        # Workers stopped when the training finished: their late calls are answered as
+        # stale (not UNAUTHENTICATED) so that they wind down cleanly. Never mutates anything.
+        self._retired: dict[str, str] = {}
+        self._retired_ids: set[str] = set()
         self._tasks: dict[str, Task] = {}
         # Insertion-ordered sets (dicts) so that scheduling is deterministic.
         self._idle: dict[str, None] = {}
@@ -398,7 +402,7 @@ class Training:
 
     def authenticate(self, token: str) -> str:
         """The id of the live worker holding ``token``; UNAUTHENTICATED otherwise."""
-        worker_id = self._tokens.get(token)
+        worker_id = self._tokens.get(token) or self._retired.get(token)
         if worker_id is None:
             raise Unauthenticated("unknown or expired worker token")
         return worker_id
@@ -475,6 +479,8 @@ class Training:
         return out
 
     def heartbeat(self, worker_id: str, seq_id: int, now: float) -> list[Command]:
+        if worker_id in self._retired_ids:
+            return []  # stopped with the training: a heartbeat in flight is harmless
         w = self._worker(worker_id)
         if seq_id != w.next_seq:
             raise FailedPrecondition(f"heartbeat out of order: expected seq_id {w.next_seq}")
@@ -617,6 +623,9 @@ class Training:
     def _worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
         if w is None:
+            if worker_id in self._retired_ids:
+                # A result still in flight when the training ended: stale, not an intruder.
+                raise FailedPrecondition("the training has finished")
             raise Unauthenticated("unknown or expired worker")
         return w
 
@@ -832,6 +841,8 @@ class Training:
                 out.append(Send(w.id, self._hello_event(w.id, w.token)))
             out.append(Send(w.id, Stop(self._ids.next("stop"))))
             out.append(Close(w.id, "training finished"))
+        self._retired = dict(self._tokens)
+        self._retired_ids = set(self._retired.values())
         self.workers.clear()
         self._tokens.clear()
         self._idle.clear()

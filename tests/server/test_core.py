@@ -547,3 +547,21 @@ def test_random_order_with_eager_reissue_first_result_wins(
             sim.advance(0.01)
     assert sim.finished
     sim.check_vectors()
+
+
+def test_late_calls_after_the_finish_are_stale_not_intruders() -> None:
+    sim = Sim(population_size=4, max_epochs=1, straggler_min_seconds=0.0, straggler_factor=0.0)
+    a, b = started(sim, 2, 2)
+    late = b.inbox[-1]
+    assert isinstance(late, core.Evaluate)
+    b.hung = True  # b is busy with its evaluation until after the end
+    sim.run()  # a does everything (b's slices re-issued to a); the training ends
+    assert sim.finished and b.closed and kinds(b)[-1] is core.Stop
+    t = sim.t
+    assert t.authenticate(b.token or "") == b.id
+    assert t.heartbeat(b.id, 1, sim.now) == []  # harmless, accepted
+    with pytest.raises(core.FailedPrecondition, match="finished"):
+        t.finish_evaluation(b.id, late.task_id, [(2, 4, [1.0, 1.0])], sim.now)
+    with pytest.raises(core.Unauthenticated):
+        t.authenticate("forged")
+    del a
