@@ -309,7 +309,7 @@ class Worker(abc.ABC, Generic[S]):
     async def _run_session(self) -> bool:
         metadata = (("authorization", f"Bearer {self._join_token}"),) if self._join_token else None
         call = self._rpc.Subscribe(pb.SubscribeRequest(cores=self._cores), metadata=metadata)
-        heartbeats: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[Any]] = []
         try:
             try:
                 first = await call.read()
@@ -323,14 +323,17 @@ class Worker(abc.ABC, Generic[S]):
 
             heartbeats = asyncio.create_task(self._heartbeat_loop())
             events = asyncio.create_task(self._event_loop(call))
-            done, _ = await asyncio.wait({heartbeats, events}, return_when="FIRST_COMPLETED")
+            tasks = [heartbeats, events]
+            done, _ = await asyncio.wait(tasks, return_when="FIRST_COMPLETED")
             if events not in done:  # heartbeats only end by failing
-                events.cancel()
                 heartbeats.result()
             return events.result()
         finally:
-            if heartbeats is not None:
-                heartbeats.cancel()
+            # Whatever ended the session (stop, failure, close()), nothing of it may outlive
+            # it: a task still finishing a result would call into a closed channel.
+            for task in tasks:
+                task.cancel()
+                task.add_done_callback(_consume_outcome)
             call.cancel()
 
     async def _event_loop(self, call: Any) -> bool:
@@ -452,6 +455,12 @@ class Worker(abc.ABC, Generic[S]):
             if not response.ok:
                 raise StreamBrokenError(f"the server refused heartbeat {seq_id}")
             await asyncio.sleep(interval)
+
+
+def _consume_outcome(task: asyncio.Task[Any]) -> None:
+    """Marks a cancelled session task's outcome as seen (the session already reported)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
