@@ -836,11 +836,14 @@ class Training:
         return True
 
     def _stop_all(self, out: list[Command]) -> None:
+        remaining = len(self.workers)
         for w in list(self.workers.values()):
             if not w.hello_sent:
                 out.append(Send(w.id, self._hello_event(w.id, w.token)))
             out.append(Send(w.id, Stop(self._ids.next("stop"))))
             out.append(Close(w.id, "training finished"))
+            remaining -= 1
+            out.append(WorkerLeft(w.id, "training finished", remaining, 0, None))
         self._retired = dict(self._tokens)
         self._retired_ids = set(self._retired.values())
         self.workers.clear()

@@ -388,7 +388,11 @@ class EvochiService:
                     metrics.reassignments.labels("evaluate").inc()
                 if command.reassigned_task:
                     metrics.reassignments.labels(command.reassigned_task).inc()
-                level = logging.INFO if command.reason == "left" else logging.WARNING
+                level = (
+                    logging.WARNING
+                    if "deadline" in command.reason or "heartbeat" in command.reason
+                    else logging.INFO
+                )
                 log.log(level, "worker left id=%s reason=%r workers=%d returned_members=%d",
                         command.worker_id, command.reason, command.workers,
                         command.returned_members)  # fmt: skip
