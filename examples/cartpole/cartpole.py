@@ -209,6 +209,8 @@ def run(args: Args) -> dict:
 
     def on_epoch(summary: EpochSummary) -> bool:
         nonlocal env_steps, started
+        if rows and rows[-1]["center_return"] >= args.target_return:
+            return True  # an epoch that finished while the stop was on its way
         if not rows:
             # Training time starts with the first epoch: process start-up is not training.
             started = time.perf_counter() - summary.seconds
