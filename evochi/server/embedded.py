@@ -26,16 +26,17 @@ class EmbeddedServer:
 
     ``port=0`` picks a free port; ``address`` and ``port`` are known after ``start()``.
     ``on_epoch`` (sync or async) is called once per completed epoch, in order, with an
-    :class:`EpochSummary`; its exceptions are logged and never stop the server.
+    :class:`EpochSummary` (its ``rewards`` array is read-only); its exceptions are logged
+    and never stop the server.
     """
 
     def __init__(
         self,
         config: ServerConfig,
-        *,
         host: str = "127.0.0.1",
         port: int = 0,
         on_epoch: EpochCallback | None = None,
+        *,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.config = config

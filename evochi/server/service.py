@@ -199,8 +199,11 @@ class EvochiService:
                 item = await queue.get()
                 if type(item) is tuple:
                     _, code, reason = item
+                    if code == "UNAVAILABLE":
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                     if code is not None and code != "CANCELLED":
-                        await context.abort(grpc.StatusCode[code], f"removed: {reason}")
+                        message = f"removed from the training: {reason}"
+                        await context.abort(grpc.StatusCode[code], message)
                     return
                 yield item
         finally:
