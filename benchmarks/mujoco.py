@@ -10,11 +10,18 @@ episodes (not evaluation ones); `seconds` is training time, process start-up exc
 directory (curve, metrics, policy) is kept under --runs-dir. Last line:
 
     mujoco env=HalfCheetah-v5 env_steps=... seconds=... return=...
+
+`python -m benchmarks.mujoco --summarize runs/benchmarks --out examples/mujoco/results` plots
+every env's seeds into `<out>/<env>.png`, copies their metrics.csv and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -23,8 +30,56 @@ import tyro
 from examples.mujoco.mujoco import Args, run
 
 
+def summarize(runs_dir: Path, out: Path) -> None:
+    """Per env: one plot of all seeds' center returns, and a markdown table row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evochi_torch import load_checkpoint
+    from examples.mujoco.mujoco import evaluate_center
+
+    runs: dict[str, list[tuple[int, Path]]] = {}
+    for config in sorted(runs_dir.glob("*/config.json")):
+        args = json.loads(config.read_text())["args"]
+        runs.setdefault(args["env"], []).append((args["seed"], config.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    print("| env | seeds | env steps | wall time (s) | center return per seed | mean | median |")
+    print("|---|---|---|---|---|---|---|")
+    for env, seeds in runs.items():
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        finals, steps, seconds = [], [], []
+        for seed, run_dir in sorted(seeds):
+            with open(run_dir / "metrics.csv") as fh:
+                rows = list(csv.DictReader(fh))
+            x = [int(r["env_steps"]) for r in rows]
+            ax.plot(x, [float(r["center_return"]) for r in rows], label=f"seed {seed}", lw=1)
+            shutil.copy(run_dir / "metrics.csv", out / f"{env}-s{seed}.csv")
+            state = load_checkpoint(run_dir / "policy.safetensors")
+            finals.append(float(evaluate_center(state, 10).returns.mean()))
+            steps.append(x[-1])
+            seconds.append(float(rows[-1]["seconds"]))
+        ax.set(xlabel="env steps", ylabel="center-policy return", title=f"{env} (ES)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / f"{env}.png", dpi=100)
+        plt.close(fig)
+        per_seed = ", ".join(f"{r:.0f}" for r in finals)
+        print(
+            f"| {env} | {len(finals)} | {statistics.median(steps):,.0f} | "
+            f"{statistics.median(seconds):.0f} | {per_seed} | {statistics.mean(finals):.0f} | "
+            f"{statistics.median(finals):.0f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summarize"]:
+        runs_dir = Path(argv[1])
+        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else runs_dir
+        summarize(runs_dir, out)
+        return
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

@@ -738,7 +738,10 @@ def run(args: Args) -> dict:
                 f"{row['steps_per_s']:>6} steps/s",
                 flush=True,
             )
-        done = row["env_steps"] >= args.env_steps or (
+        # Stop before an epoch like this one would overrun the budget: the reported steps
+        # stay within --env-steps (exactly, when episodes have a fixed length).
+        spent = row["env_steps"] - (rows[-2]["env_steps"] if len(rows) > 1 else 0)
+        done = row["env_steps"] + spent > args.env_steps or (
             args.max_epochs > 0 and row["epoch"] >= args.max_epochs
         )
         if done or row["epoch"] % args.checkpoint_every == 0:
