@@ -97,7 +97,7 @@ class EmbeddedServer:
             config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
         )
         server = grpc.aio.server(options=server_options(config))
-        server.add_generic_rpc_handlers((service.generic_handler(),))
+        service.register(server)
         target = f"{self.host}:{self._requested_port}"
         if ":" in self.host:
             target = f"[{self.host}]:{self._requested_port}"

@@ -153,25 +153,34 @@ class EvochiService:
         if self.writer is not None:
             await self.writer.flush()
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                fn, response_serializer=lambda m: m.SerializeToString()
-            )
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Handlers taking the raw request bytes (decoded by the service)."""
 
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {
-                "Subscribe": grpc.unary_stream_rpc_method_handler(
-                    self.subscribe, response_serializer=lambda m: m.SerializeToString()
-                ),
-                "Heartbeat": unary(self.heartbeat),
-                "FinishEvaluation": unary(self.finish_evaluation),
-                "FinishOptimization": unary(self.finish_optimization),
-                "FinishInitialization": unary(self.finish_initialization),
-                "FinishShareState": unary(self.finish_share_state),
-            },
+        def serialize(message: Any) -> bytes:
+            return message.SerializeToString()
+
+        def unary(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
+
+        return {
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                self.subscribe, response_serializer=serialize
+            ),
+            "Heartbeat": unary(self.heartbeat),
+            "FinishEvaluation": unary(self.finish_evaluation),
+            "FinishOptimization": unary(self.finish_optimization),
+            "FinishInitialization": unary(self.finish_initialization),
+            "FinishShareState": unary(self.finish_share_state),
+        }
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handlers = self.method_handlers()
+        # Registered methods are matched inside gRPC core without a per-call lookup in
+        # Python; the generic handler stays for servers that route by name.
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     # ------------------------------------------------------------------ RPCs
 
