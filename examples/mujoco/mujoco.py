@@ -89,6 +89,8 @@ class EnvSettings:
     """center-policy episodes per epoch that feed the observation statistics"""
     top_k: int = 0
     """keep only the k best antithetic pairs in each update (ARS); 0 keeps all"""
+    pair_starts: bool = False
+    """each antithetic pair starts from its own state (default: one start per epoch)"""
 
     def to_extra(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "hidden": list(self.hidden)}
@@ -295,10 +297,16 @@ def rollout(
 
 
 # Seeds of the start states. Training episodes: every member of an epoch starts from the same
-# state (common random numbers: return differences come from the parameters, not from luck).
+# state (common random numbers: return differences come from the parameters, not from luck),
+# or, with `pair_starts`, each antithetic pair shares a start and pairs differ (more start
+# states per update, at the price of noisier comparisons between pairs).
 # Statistics and evaluation episodes have their own ranges.
 def train_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**31
+
+
+def pair_seeds(seed: int, epoch: int, members: np.ndarray) -> np.ndarray:
+    return (500_000_000 + (seed * 1_000_003 + epoch) * 4096 + members // 2) % 2**31
 
 
 def stats_seeds(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -383,7 +391,10 @@ class MuJoCoES(TorchESWorker):
     def score(self, policy: PopulationPolicy, epoch: int, members: torch.Tensor) -> np.ndarray:
         s = self.env_settings
         n = len(members)
-        seeds = np.full(n, train_seed(self.config.seed, self.state.epoch))
+        if s.pair_starts:
+            seeds = pair_seeds(self.config.seed, self.state.epoch, members.numpy())
+        else:
+            seeds = np.full(n, train_seed(self.config.seed, self.state.epoch))
         result = rollout(
             self.envs(n),
             PopulationActor(policy),
@@ -500,6 +511,8 @@ class Args:
     """center episodes per epoch for the observation statistics"""
     top_k: int | None = None
     """antithetic pairs kept per update (0: all)"""
+    pair_starts: bool | None = None
+    """one start state per antithetic pair instead of one per epoch"""
     env_steps: int = 10_000_000
     """stop once this many env steps were spent (training + statistics episodes)"""
     max_epochs: int = 0
@@ -539,7 +552,14 @@ def resolve(args: Args) -> tuple[EnvSettings, ESConfig]:
         settings,
         **{
             k: getattr(args, k)
-            for k in ("hidden", "episode_steps", "reward_shift", "stats_episodes", "top_k")
+            for k in (
+                "hidden",
+                "episode_steps",
+                "reward_shift",
+                "stats_episodes",
+                "top_k",
+                "pair_starts",
+            )
             if getattr(args, k) is not None
         },
     )
