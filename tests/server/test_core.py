@@ -565,3 +565,37 @@ def test_late_calls_after_the_finish_are_stale_not_intruders() -> None:
     with pytest.raises(core.Unauthenticated):
         t.authenticate("forged")
     del a
+
+
+def test_memory_stays_flat_over_many_epochs_with_churn() -> None:
+    import tracemalloc
+
+    sim = Sim(population_size=10_000, max_epochs=0, worker_timeout=5.0)
+    sim.track = sim.check = False  # per-member bookkeeping would dominate the run
+    rng = np.random.default_rng(3)
+    for _ in range(64):
+        sim.join(int(rng.integers(100, 300)))
+    sizes = []
+    tracemalloc.start()
+    try:
+        for epoch in range(1, 201):
+            sim.run(dt=0.001, until_epochs=1)  # sim.epochs is cleared below
+            if epoch % 4 == 0:  # churn: four workers go, four come
+                for w in rng.choice(sim.live(), 4, replace=False):
+                    sim.leave(w)
+                for _ in range(4):
+                    sim.join(int(rng.integers(100, 300)))
+            # Keep the simulation's own records from growing (they are not the server's).
+            sim.optimize_vectors.clear()
+            sim.first.clear()
+            sim.epochs.clear()
+            sim.left.clear()
+            for w in list(sim.workers.values()):
+                if w.closed:
+                    del sim.workers[w.id]
+            if epoch in (50, 200):
+                sizes.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert sim.t.epoch == 201
+    assert sizes[1] - sizes[0] < 512 * 1024, sizes
