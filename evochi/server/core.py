@@ -349,6 +349,9 @@ class Training:
         self._pop = config.population_size
         self._timeout = float(config.worker_timeout)
         self.heartbeat_interval = max(1, int(self._timeout / 2))
+        # Below 2 s the whole-second interval reaches the timeout itself: never drop a
+        # worker before it could miss two beats.
+        self._heartbeat_timeout = max(self._timeout, 2.0 * self.heartbeat_interval)
         self._token_factory = token_factory or (lambda _wid: secrets.token_urlsafe(32))
         self._ids = ids or _Ids()
 
@@ -485,7 +488,7 @@ class Training:
         if seq_id != w.next_seq:
             raise FailedPrecondition(f"heartbeat out of order: expected seq_id {w.next_seq}")
         w.next_seq += 1
-        w.heartbeat_deadline = now + self._timeout
+        w.heartbeat_deadline = now + self._heartbeat_timeout
         return []
 
     def finish_initialization(
@@ -707,7 +710,7 @@ class Training:
         self._pending.pop(w.id, None)
         w.hello_sent = True
         w.state_epoch = self.epoch if self.state is not None else 0
-        w.heartbeat_deadline = now + self._timeout
+        w.heartbeat_deadline = now + self._heartbeat_timeout
         self._idle[w.id] = None
         out.append(Send(w.id, self._hello_event(w.id, w.token)))
 

@@ -599,3 +599,16 @@ def test_memory_stays_flat_over_many_epochs_with_churn() -> None:
         tracemalloc.stop()
     assert sim.t.epoch == 201
     assert sizes[1] - sizes[0] < 512 * 1024, sizes
+
+
+def test_short_timeouts_still_allow_two_heartbeat_intervals() -> None:
+    sim = Sim(population_size=4, worker_timeout=1.0, straggler_reissue=False)
+    a, b = started(sim, 4, 4)  # a holds every member; b idle
+    assert b.inbox == [] and sim.t.heartbeat_interval == 1
+    sim.t.heartbeat(b.id, 1, 0.0)
+    sim.apply(sim.t.tick(1.5))  # 1.5 s without a heartbeat: within two 1 s intervals
+    assert b.id in sim.t.workers
+    sim.apply(sim.t.tick(2.01))
+    assert b.id not in sim.t.workers
+    assert [x.reason for x in sim.left if x.worker_id == b.id] == ["missed heartbeat"]
+    del a

@@ -127,7 +127,7 @@ def test_new_worker_continues_after_the_last_one_left() -> None:
 def test_join_token_and_reconnect_after_removal() -> None:
     async def scenario() -> None:
         config = ServerConfig(
-            population_size=8, max_epochs=3, worker_timeout=1, join_token="let-me-in"
+            population_size=8, max_epochs=3, worker_timeout=2, join_token="let-me-in"
         )
         async with EmbeddedServer(config) as server:
             stranger = make(server, cores=8)
