@@ -392,7 +392,7 @@ def test_undecodable_request_bytes_are_invalid_argument() -> None:
 
 def test_missed_heartbeats_end_the_stream_with_deadline_exceeded() -> None:
     async def scenario() -> None:
-        async with EmbeddedServer(config(population_size=4, worker_timeout=1.0)) as server:
+        async with EmbeddedServer(config(population_size=4, worker_timeout=2.0)) as server:
             w = StubWorker(server.address, cores=4)
             await w.subscribe()  # and never heartbeats
             await w.expect(pb.EVENT_TYPE_INITIALIZE)

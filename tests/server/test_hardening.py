@@ -187,7 +187,7 @@ def test_bad_input_table_against_a_live_training() -> None:
         config = ServerConfig(
             population_size=POP,
             max_epochs=EPOCHS,
-            worker_timeout=5,
+            worker_timeout=30,
             max_workers=4,
             max_message_bytes=256 * 1024,
             straggler_reissue=False,
@@ -195,7 +195,9 @@ def test_bad_input_table_against_a_live_training() -> None:
         async with EmbeddedServer(config) as server:
             honest = [make(server, cores=6), make(server, cores=4)]
             for w in honest:
-                w.optimize_delay = 0.15  # keeps the training alive while the attacks run
+                # Epoch 1's optimize waits for the stateless attacks to end, so that the
+                # training is alive throughout however slow the machine is.
+                w.optimize_delay = 60.0
             runs = [asyncio.ensure_future(w.start()) for w in honest]
             while server.state is None:
                 await asyncio.sleep(0.01)
@@ -204,6 +206,8 @@ def test_bad_input_table_against_a_live_training() -> None:
                 await asyncio.sleep(0.01)
             victim_token: Any = honest[0]._token
             await stateless_attacks(server, victim_token, log)
+            for w in honest:
+                w.gate.set()
             await asyncio.gather(*runs)
             await asyncio.wait_for(rogue, 10)
             await server.wait_finished(timeout=10)
