@@ -147,10 +147,17 @@ def main() -> None:
         help="comma-separated WORKERSxCORES",
     )
     parser.add_argument("--no-straggler-reissue", action="store_true")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per shape; the median is printed"
+    )
     args = parser.parse_args()
     for shape in args.shapes.split(","):
         workers, cores = (int(x) for x in shape.lower().split("x"))
-        rate = run_shape(workers, cores, args.epochs, not args.no_straggler_reissue)
+        rates = sorted(
+            run_shape(workers, cores, args.epochs, not args.no_straggler_reissue)
+            for _ in range(max(1, args.repeat))
+        )
+        rate = rates[len(rates) // 2]
         print(f"orchestration workers={workers} cores={cores} epochs_per_s={rate:.1f}", flush=True)
 
 
