@@ -82,8 +82,9 @@ def test_straggler_slices_are_reissued_and_the_late_result_discarded() -> None:
             # it missed (in order) and ends with the same state.
             assert fast.state == slow.state == expected(20, 6)
             assert slow.optimized == list(range(1, 7))
-            # Epoch 1 did not wait for the straggler's 1 s evaluation.
-            assert summaries[0].seconds < 0.9
+            # Epoch 1 did not wait for the straggler's 1 s evaluation (waiting would take
+            # at least 1 s + the 0.25 s optimize).
+            assert summaries[0].seconds < 1.2
             reissued = server.metrics.registry.get_sample_value("evochi_reissued_members_total")
             assert reissued and reissued >= 1
             slow.gate.set()
