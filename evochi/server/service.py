@@ -54,6 +54,16 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -124,7 +134,8 @@ class EvochiService:
         self._notice_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
-        self._rewards_cache: tuple[int, list[float]] | None = None
+        # (id of the epoch's reward array, its packed little-endian float32 bytes)
+        self._rewards_cache: tuple[int, bytes] | None = None
         self._join_token = config.join_token.encode() if config.join_token else None
         self.metrics.epoch.set(self.core.epoch)
         if self.core.finished:
@@ -157,7 +168,8 @@ class EvochiService:
         """Handlers taking the raw request bytes (decoded by the service)."""
 
         def serialize(message: Any) -> bytes:
-            return message.SerializeToString()
+            # Optimize events arrive pre-serialized (see _optimize_message).
+            return message if type(message) is bytes else message.SerializeToString()
 
         def unary(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
@@ -186,7 +198,7 @@ class EvochiService:
 
     async def subscribe(
         self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SubscribeResponse]:
+    ) -> AsyncIterator[pb.SubscribeResponse | bytes]:
         req = await self._decode(pb.SubscribeRequest, request, context, "Subscribe")
         if self._join_token is not None:
             token = _bearer(context)
@@ -316,7 +328,7 @@ class EvochiService:
         await context.abort(grpc.StatusCode[err.code], err.message)
         raise AssertionError("context.abort returned")
 
-    def _to_message(self, event: core.Event) -> pb.SubscribeResponse:
+    def _to_message(self, event: core.Event) -> pb.SubscribeResponse | bytes:
         kind = type(event)
         if kind is core.Evaluate:
             return pb.SubscribeResponse(
@@ -328,17 +340,7 @@ class EvochiService:
                 ),
             )
         if kind is core.Optimize:
-            # One epoch's vector goes to every worker: convert it to Python floats once.
-            cache = self._rewards_cache
-            if cache is None or cache[0] != id(event.rewards):
-                cache = (id(event.rewards), event.rewards.tolist())
-                self._rewards_cache = cache
-            return pb.SubscribeResponse(
-                type=pb.EVENT_TYPE_OPTIMIZE,
-                optimize=pb.OptimizeEvent(
-                    task_id=event.task_id, epoch=event.epoch, rewards=cache[1]
-                ),
-            )
+            return self._optimize_message(event)
         if kind is core.Hello:
             hello = pb.HelloEvent(
                 id=event.worker_id,
@@ -365,6 +367,31 @@ class EvochiService:
                 type=pb.EVENT_TYPE_STOP, stop=pb.StopEvent(task_id=event.task_id)
             )
         raise TypeError(f"unknown event {event!r}")
+
+    def _optimize_message(self, event: core.Optimize) -> bytes:
+        """The serialized SubscribeResponse of an optimize event.
+
+        Every worker gets the same reward vector: it is encoded once per epoch as a packed
+        float32 field and spliced into each worker's message, instead of copying the whole
+        population into a protobuf repeated field per worker. (tests check the bytes parse
+        to the same message protobuf would build.)
+        """
+        cache = self._rewards_cache
+        if cache is None or cache[0] != id(event.rewards):
+            cache = (id(event.rewards), event.rewards.astype("<f4", copy=False).tobytes())
+            self._rewards_cache = cache
+        packed = cache[1]
+        task_id = event.task_id.encode()
+        optimize = b"".join(
+            (
+                b"\x0a", _varint(len(task_id)), task_id,  # task_id = 1
+                b"\x10", _varint(event.epoch),  # epoch = 2
+                b"\x1a" if packed else b"", _varint(len(packed)) if packed else b"", packed,
+            )
+        )  # fmt: skip
+        # type = 1 (EVENT_TYPE_OPTIMIZE), optimize = 4
+        return b"".join((b"\x08", _varint(pb.EVENT_TYPE_OPTIMIZE), b"\x22",
+                         _varint(len(optimize)), optimize))  # fmt: skip
 
     def _execute(self, commands: list[core.Command]) -> None:
         metrics = self.metrics
