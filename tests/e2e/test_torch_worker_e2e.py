@@ -93,3 +93,25 @@ def test_nan_rewards_name_the_member_or_get_the_penalty() -> None:
         run(main(None))
     penalised = run(main(ToyRegression.default_config.replace(nan_penalty=-10.0)))
     assert penalised.state.epoch == 2
+
+
+def test_a_worker_with_other_noise_refuses_to_join() -> None:
+    from toy_workers import OtherNoise
+
+    from evochi_torch import NoiseMismatchError
+
+    async def main() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=24, max_epochs=3)) as server:
+            first = ToyRegression(server.address, 24)
+            task = asyncio.create_task(first.start())
+            while server.state is None:
+                await asyncio.sleep(0.01)
+            stranger = OtherNoise(server.address, 24)
+            with pytest.raises(NoiseMismatchError, match="noise table differs"):
+                await stranger.start()
+            await stranger.close()
+            await task  # the training itself is unharmed
+            assert first.state.epoch == 3
+            await first.close()
+
+    run(main())

@@ -94,3 +94,12 @@ def _die() -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class OtherNoise(ToyRegression):
+    """Stands for a process whose numpy would generate different noise."""
+
+    def noise_table(self):
+        from evochi_torch import NoiseTable
+
+        return NoiseTable.for_params(self.config.seed + 1, self.params.numel())
