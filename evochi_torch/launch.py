@@ -320,10 +320,9 @@ async def train(
                     + "; ".join(e.describe() for e in procs.exits)
                 )
             epochs = server.epoch
-            stop_training = getattr(server, "stop_training", None)  # TODO(server API)
-            if stopped_early and stop_training is not None:
+            if stopped_early:
                 # Workers get stop and leave by themselves; SIGTERM only for stragglers.
-                await stop_training()
+                await server.stop_training()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(procs.supervise(), timeout=procs.grace)
     crashed = [e for e in procs.exits if e.exitcode not in (0, None)]

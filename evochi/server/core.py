@@ -598,6 +598,21 @@ class Training:
         self._schedule(now, out)
         return out
 
+    def finish_now(self) -> list[Command]:
+        """Ends the training before max_epochs (e.g. the task is solved): every worker gets
+        stop. The epoch in progress is abandoned; the state stays the start state of that
+        epoch, i.e. the result of the last completed one."""
+        out: list[Command] = []
+        if self.stage is Stage.DONE:
+            return out
+        last_completed = self.epoch - 1 if self.state is not None else 0
+        self.stage = Stage.DONE
+        self._stop_all(out)
+        self.epoch = max(last_completed, 0)
+        self._init_task = self._share_task = None
+        out.append(TrainingFinished(self.epoch))
+        return out
+
     def tick(self, now: float) -> list[Command]:
         """Remove workers that missed a heartbeat or a task deadline; re-issue stragglers."""
         out: list[Command] = []

@@ -119,6 +119,13 @@ class EmbeddedServer:
         """Return once max_epochs were run and stop was sent (TimeoutError after ``timeout``)."""
         await asyncio.wait_for(self.service.finished.wait(), timeout)
 
+    async def stop_training(self) -> None:
+        """Ends the training early: every worker gets stop (its `start()` returns), the
+        server keeps serving (late joiners are told the training finished). `epoch` and
+        `state` are those of the last completed epoch."""
+        self.service.finish_training()
+        await self.wait_finished()
+
     async def stop(self, grace: float | None = 1.0) -> None:
         """End all streams, wait up to ``grace`` seconds for RPCs in flight, flush state."""
         server, service = self._server, self._service

@@ -148,6 +148,10 @@ class EvochiService:
         self._notice_task = loop.create_task(self._run_notices())
         self._tick_task = loop.create_task(self._run_ticks())
 
+    def finish_training(self) -> None:
+        """Sends stop to every worker now and marks the training finished."""
+        self._execute(self.core.finish_now())
+
     async def close(self, reason: str = "server stopping") -> None:
         """End every stream (UNAVAILABLE: the worker may reconnect) and the background tasks."""
         for worker_id in list(self._queues):

@@ -190,3 +190,25 @@ def test_reconnect_rejoins_as_a_new_worker() -> None:
         await second.stop()
 
     run(main(), timeout=60)
+
+
+def test_stop_training_early_sends_stop_and_keeps_the_last_epoch() -> None:
+    async def main() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=6, max_epochs=0)) as server:
+            workers = [ReadmeWorker(server.address, cores=3) for _ in range(2)]
+            tasks = [asyncio.create_task(w.start()) for w in workers]
+            while server.epoch < 4:
+                await asyncio.sleep(0.005)
+            await server.stop_training()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)  # start() returned: stop
+            assert all(w.stopped for w in workers)
+            completed = server.epoch
+            assert completed >= 3
+            state = workers[0].codec.decode(server.state)
+            assert state.updates == completed  # the state after the last completed epoch
+            late = ReadmeWorker(server.address, cores=3)
+            await asyncio.wait_for(late.start(), 10)  # told at once that it is over
+            for w in [*workers, late]:
+                await w.close()
+
+    run(main())
