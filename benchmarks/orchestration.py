@@ -2,12 +2,15 @@
 and optimization cost nothing (population 1000, random rewards).
 
 The server runs in its own process, as in a deployment; all workers run in this process on
-one event loop, speaking the protocol with the raw generated stubs (the lean client a
-benchmark wants: no thread hop per hook). Prints one line per shape (workers x cores):
+one event loop. ``--client stubs`` speaks the protocol with the raw generated stubs (the
+leanest client possible); ``--client worker`` runs real `evochi.v1.Worker` subclasses with
+``async def`` hooks, the like-for-like comparison with another server driven by its own
+Python client. Prints one line per shape (workers x cores):
 
-    orchestration workers=4 cores=250 epochs_per_s=...
+    orchestration client=worker workers=4 cores=250 epochs_per_s=...
 
-Run: ``python -m benchmarks.orchestration [--epochs N] [--shapes 4x250,16x63]``.
+Run: ``python -m benchmarks.orchestration [--client stubs,worker] [--epochs N]
+[--shapes 4x250,16x63]``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 import grpc
 import grpc.aio
 
+from evochi.v1 import Eval, Worker
 from evochi.v1 import evochi_pb2 as pb
 from evochi.v1 import evochi_pb2_grpc as pb_grpc
 
@@ -114,7 +118,40 @@ async def _worker(address: str, cores: int, marks: dict[int, float]) -> None:
                 heartbeat.cancel()
 
 
-def run_shape(workers: int, cores: int, epochs: int, straggler_reissue: bool = True) -> float:
+class _BenchWorker(Worker[bytes]):
+    """The same trivial work as `_worker`, through the real client with async hooks."""
+
+    def __init__(self, address: str, cores: int, marks: dict[int, float]) -> None:
+        super().__init__(address, cores)
+        self._marks = marks
+
+    async def initialize(self) -> bytes:
+        return b"\x00" * 64
+
+    async def evaluate(self, epoch: int, slices: list[slice]) -> list[Eval]:
+        rand = random.random
+        return [Eval(s, [rand() for _ in range(s.stop - s.start)]) for s in slices]
+
+    async def optimize(self, epoch: int, rewards: list[float]) -> bytes:
+        self._marks.setdefault(epoch, time.perf_counter())
+        return self.state
+
+
+async def _real_worker(address: str, cores: int, marks: dict[int, float]) -> None:
+    async with _BenchWorker(address, cores, marks) as worker:
+        await worker.start()
+
+
+CLIENTS = {"stubs": _worker, "worker": _real_worker}
+
+
+def run_shape(
+    workers: int,
+    cores: int,
+    epochs: int,
+    straggler_reissue: bool = True,
+    client: str = "stubs",
+) -> float:
     """Epochs per second after a warm-up, for one shape."""
     ctx = mp.get_context("spawn")
     port_queue: mp.Queue = ctx.Queue()
@@ -127,7 +164,8 @@ def run_shape(workers: int, cores: int, epochs: int, straggler_reissue: bool = T
         async def main() -> None:
             address = f"127.0.0.1:{port}"
             # The first worker initializes; the others join once it is in.
-            await asyncio.gather(*(_worker(address, cores, marks) for _ in range(workers)))
+            run = CLIENTS[client]
+            await asyncio.gather(*(run(address, cores, marks) for _ in range(workers)))
 
         asyncio.run(main())
     finally:
@@ -150,15 +188,29 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per shape; the median is printed"
     )
+    parser.add_argument(
+        "--client",
+        default="stubs",
+        help="comma-separated client kinds: stubs (raw generated stubs), worker (evochi.v1.Worker)",
+    )
     args = parser.parse_args()
+    clients = args.client.split(",")
+    for client in clients:
+        if client not in CLIENTS:
+            parser.error(f"unknown client {client!r}; choose from {', '.join(CLIENTS)}")
     for shape in args.shapes.split(","):
         workers, cores = (int(x) for x in shape.lower().split("x"))
-        rates = sorted(
-            run_shape(workers, cores, args.epochs, not args.no_straggler_reissue)
-            for _ in range(max(1, args.repeat))
-        )
-        rate = rates[len(rates) // 2]
-        print(f"orchestration workers={workers} cores={cores} epochs_per_s={rate:.1f}", flush=True)
+        for client in clients:
+            rates = sorted(
+                run_shape(workers, cores, args.epochs, not args.no_straggler_reissue, client)
+                for _ in range(max(1, args.repeat))
+            )
+            rate = rates[len(rates) // 2]
+            print(
+                f"orchestration client={client} workers={workers} cores={cores} "
+                f"epochs_per_s={rate:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
