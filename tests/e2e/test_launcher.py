@@ -103,3 +103,16 @@ def test_ctrl_c_stops_every_worker_cleanly() -> None:
     assert code == 130
     assert waited < 15
     assert before == after
+
+
+@pytest.mark.timeout(120)
+def test_console_script_finds_the_examples_from_a_checkout() -> None:
+    # The README's command, as a user types it in the repository root: no PYTHONPATH.
+    script = Path(sys.executable).with_name("evochi-torch")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [str(script), "train", "examples.cartpole:CartPole", "--workers", "1", "--max-epochs", "2"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=100,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "trained epochs=2" in out.stdout
