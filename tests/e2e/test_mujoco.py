@@ -9,11 +9,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from evochi_torch import load_checkpoint
-from examples.mujoco.mujoco import Args, main, run
+from evochi_torch import centered_rank, load_checkpoint
+from examples.mujoco.mujoco import Args, keep_top_pairs, main, run
 
 # Hopper terminates early (falls), so its episodes have different lengths.
 HOPPER = dict(env="Hopper-v5", population_size=12, episode_steps=60, eval_episodes=2, seed=3,
@@ -100,3 +101,15 @@ def test_resume_continues_bit_identically(hopper_runs) -> None:
     rows = metrics(root / "resumed")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert [r["env_steps"] for r in rows] == [r["env_steps"] for r in metrics(hopper_runs["w2"])]
+
+
+def test_top_k_pairs_cancel_out_of_the_update() -> None:
+    rewards = np.array([1.0, 2.0, 5.0, 0.0, 3.0, 3.5, 0.0, -1.0])
+    kept = keep_top_pairs(rewards, 2)
+    # Pairs 1 (best 5) and 2 (best 3.5) are kept; 0 and 3 get their mean twice.
+    assert kept.tolist() == [1.5, 1.5, 5.0, 0.0, 3.0, 3.5, -0.5, -0.5]
+    weights = centered_rank(kept).reshape(-1, 2)
+    # Member 2k is +eps_k and 2k+1 is -eps_k: equal weights contribute nothing.
+    assert weights[0, 0] == weights[0, 1] and weights[3, 0] == weights[3, 1]
+    assert weights[1, 0] != weights[1, 1]
+    assert keep_top_pairs(rewards, 4).tolist() == rewards.tolist()
