@@ -380,6 +380,11 @@ class MuJoCoES(TorchESWorker):
         return self.with_new_stats(state)
 
     def on_state_change(self, state: TorchESState) -> None:
+        if "mujoco" not in state.extra:
+            raise ValueError(
+                "the server's training was not started by examples.mujoco (its state has no "
+                "env settings); join it with the worker class that started it"
+            )
         shared = EnvSettings.from_extra(state.extra["mujoco"])
         if shared != self.env_settings:
             log.warning("adopting the training's env settings: %s", shared)
