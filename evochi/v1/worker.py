@@ -22,6 +22,7 @@ import inspect
 import logging
 import math
 import random
+import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
+import numpy as np
 from google.protobuf import timestamp_pb2
 
 from evochi.v1 import evochi_pb2 as pb
@@ -60,6 +62,8 @@ _REJECTION_CODES = frozenset(
 # Codes on a Finish* call meaning the server no longer wants this result (the task was
 # re-assigned after a timeout, or the epoch moved on): drop it and keep serving.
 _STALE_TASK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
+# An encoding this quick blocks heartbeats and other events less than a thread hop costs.
+_INLINE_ENCODE_SECONDS = 0.001
 
 
 class Eval(NamedTuple):
@@ -148,6 +152,8 @@ class Worker(abc.ABC, Generic[S]):
 
         self._id: str | None = None
         self._token: str | None = None
+        # Built once per session: grpc.aio converts any other sequence on every call.
+        self._auth: grpc.aio.Metadata | None = None
         self._population_size: int | None = None
         self._max_epochs: int | None = None
         self._heartbeat_interval = 0
@@ -155,6 +161,10 @@ class Worker(abc.ABC, Generic[S]):
         self._epoch = 0
         self._closed = False
         self._session: asyncio.Task[bool] | None = None
+        # Encoding a small state takes microseconds, a thread hop (and the GIL hand-back
+        # under load) milliseconds on the epoch's critical path: encode on the event loop
+        # while the last encoding was this quick.
+        self._encode_inline = False
 
     # ----------------------------------------------------------------- properties
     @property
@@ -294,7 +304,7 @@ class Worker(abc.ABC, Generic[S]):
         return self._stub
 
     def _forget_session(self) -> None:
-        self._id = self._token = None
+        self._id = self._token = self._auth = None
 
     async def _wait_for_server(self) -> None:
         try:
@@ -365,13 +375,15 @@ class Worker(abc.ABC, Generic[S]):
         elif kind == pb.EVENT_TYPE_OPTIMIZE:
             ev = event.optimize
             self._epoch = ev.epoch
-            state = await _call_hook(self.optimize, ev.epoch, list(ev.rewards))
+            # numpy turns the repeated field into floats faster than list() (same values).
+            rewards = np.asarray(ev.rewards).tolist()
+            state = await _call_hook(self.optimize, ev.epoch, rewards)
             await self._set_state(state)
             await self._finish(
                 self._rpc.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
             )
         elif kind == pb.EVENT_TYPE_SHARE_STATE:
-            blob = await asyncio.to_thread(self._codec.encode, self.state)
+            blob = await self._encode(self.state)
             await self._finish(
                 self._rpc.FinishShareState,
                 pb.FinishShareStateRequest(task_id=event.share_state.task_id, state=blob),
@@ -379,7 +391,7 @@ class Worker(abc.ABC, Generic[S]):
         elif kind == pb.EVENT_TYPE_INITIALIZE:
             state = await _call_hook(self.initialize)
             await self._set_state(state)
-            blob = await asyncio.to_thread(self._codec.encode, state)
+            blob = await self._encode(state)
             await self._finish(
                 self._rpc.FinishInitialization,
                 pb.FinishInitializationRequest(task_id=event.initialize.task_id, state=blob),
@@ -396,6 +408,7 @@ class Worker(abc.ABC, Generic[S]):
     async def _on_hello(self, hello: pb.HelloEvent) -> None:
         self._id = hello.id
         self._token = hello.token
+        self._auth = grpc.aio.Metadata(("authorization", f"Bearer {hello.token}"))
         self._population_size = hello.population_size
         self._max_epochs = hello.max_epochs
         self._heartbeat_interval = hello.heartbeat_interval
@@ -416,10 +429,19 @@ class Worker(abc.ABC, Generic[S]):
         if type(self).on_state_change is not Worker.on_state_change:
             await _call_hook(self.on_state_change, state)
 
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        if self._token is None:
+    def _metadata(self) -> grpc.aio.Metadata:
+        if self._auth is None:
             raise RuntimeError("the worker has no token yet")
-        return (("authorization", f"Bearer {self._token}"),)
+        return self._auth
+
+    async def _encode(self, state: S) -> bytes:
+        def timed() -> bytes:
+            started = time.perf_counter()
+            blob = self._codec.encode(state)
+            self._encode_inline = time.perf_counter() - started < _INLINE_ENCODE_SECONDS
+            return blob
+
+        return timed() if self._encode_inline else await asyncio.to_thread(timed)
 
     async def _finish(self, method: Any, request: Any) -> None:
         try:
@@ -493,13 +515,14 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
         if key in seen:
             raise ValueError(f"evaluate() returned slice [{sl.start}, {sl.stop}) twice")
         seen.add(key)
-        values = [float(r) for r in rewards]
+        values = list(map(float, rewards))
         if len(values) != sl.stop - sl.start:
             raise ValueError(
                 f"evaluate() returned {len(values)} rewards for slice [{sl.start}, {sl.stop}) "
                 f"of {sl.stop - sl.start} members"
             )
-        non_finite += [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
+        if not all(map(math.isfinite, values)):  # the index scan only when one is bad
+            non_finite += [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
         out.append(pb.Evaluation(slice=pb.Slice(start=sl.start, end=sl.stop), rewards=values))
     missing = assigned - seen
     if missing:
