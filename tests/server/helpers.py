@@ -161,11 +161,14 @@ class StubWorker:
         await self.channel.close()
 
 
-async def expect_error(awaitable: Any, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+async def expect_error(
+    awaitable: Any, code: grpc.StatusCode | tuple[grpc.StatusCode, ...]
+) -> grpc.aio.AioRpcError:
+    codes = code if isinstance(code, tuple) else (code,)
     try:
         await awaitable
     except grpc.aio.AioRpcError as err:
-        assert err.code() == code, f"expected {code}, got {err.code()}: {err.details()}"
+        assert err.code() in codes, f"expected {code}, got {err.code()}: {err.details()}"
         return err
     raise AssertionError(f"expected {code}, the call succeeded")
 

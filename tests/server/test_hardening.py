@@ -77,11 +77,16 @@ async def attacker(server: EmbeddedServer, log: list[str]) -> None:
             await expect_error(w.finish_evaluation(ev.task_id, good), CODE.NOT_FOUND)
             log.append("duplicate submission")
         elif event.type == pb.EVENT_TYPE_OPTIMIZE:
-            await expect_error(
-                w.finish_optimization("stale-" + event.optimize.task_id), CODE.NOT_FOUND
+            # Once the last epoch's state is shared (by an honest worker, possibly before
+            # this duplicate arrives) the training is over and every late call is told so.
+            stale = (
+                (CODE.NOT_FOUND, CODE.FAILED_PRECONDITION)
+                if event.optimize.epoch == EPOCHS
+                else CODE.NOT_FOUND
             )
+            await expect_error(w.finish_optimization("stale-" + event.optimize.task_id), stale)
             await w.finish_optimization(event.optimize.task_id)
-            await expect_error(w.finish_optimization(event.optimize.task_id), CODE.NOT_FOUND)
+            await expect_error(w.finish_optimization(event.optimize.task_id), stale)
         elif event.type == pb.EVENT_TYPE_SHARE_STATE:
             ss = event.share_state
             await expect_error(w.finish_share_state(ss.task_id, b""), CODE.INVALID_ARGUMENT)
