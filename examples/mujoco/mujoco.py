@@ -117,7 +117,10 @@ _ES = ESConfig(
 PRESETS: dict[str, tuple[EnvSettings, ESConfig]] = {
     "HalfCheetah-v5": (EnvSettings("HalfCheetah-v5"), _ES),
     "Hopper-v5": (EnvSettings("Hopper-v5", reward_shift=1.0), _ES),
-    "Walker2d-v5": (EnvSettings("Walker2d-v5", reward_shift=1.0), _ES),
+    # With the survival bonus removed (reward_shift=1) the initial Walker2d, which falls
+    # within ~10 steps, earns more by falling at once: training stayed there for 1,700
+    # epochs. So Walker2d keeps its bonus.
+    "Walker2d-v5": (EnvSettings("Walker2d-v5", reward_shift=0.0), _ES),
     "Ant-v5": (EnvSettings("Ant-v5", reward_shift=1.0), _ES),
 }
 
@@ -511,7 +514,7 @@ class Args:
     episode_steps: int | None = None
     """time limit of training episodes"""
     reward_shift: float | None = None
-    """subtracted from each training step's reward (Hopper/Walker2d/Ant: the survival bonus)"""
+    """subtracted from each training step's reward (Hopper, Ant: the survival bonus)"""
     stats_episodes: int | None = None
     """center episodes per epoch for the observation statistics"""
     top_k: int | None = None
