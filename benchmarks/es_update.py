@@ -176,6 +176,9 @@ def bench_shape(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="NPOPxPARAMS,... list")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--child", nargs=3, metavar=("KIND", "NPOP", "PARAMS"), help="internal")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         kind, npop, p = args.child
         child(kind, int(npop), int(p))

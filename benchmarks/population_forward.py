@@ -39,10 +39,15 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     parser.add_argument("--members", type=int, default=256)
     parser.add_argument("--calls", type=int, default=200, help="forward calls per timed block")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timed blocks")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     module = make_policy()
     b = args.members
