@@ -319,11 +319,11 @@ async def train(
                     "every worker process ended before the training finished: "
                     + "; ".join(e.describe() for e in procs.exits)
                 )
-            epochs = server.epoch
             if stopped_early:
                 # Workers get stop and leave by themselves; SIGTERM only for stragglers.
                 await server.stop_training()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(procs.supervise(), timeout=procs.grace)
+            epochs = server.epoch  # after an early stop: the last completed epoch
     crashed = [e for e in procs.exits if e.exitcode not in (0, None)]
     return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)
