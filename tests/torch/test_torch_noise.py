@@ -1,4 +1,3 @@
-import contextlib
 import itertools
 
 import numpy as np
@@ -6,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threads import num_threads
 
 from evochi_torch import (
     NOISE_FORMAT,
@@ -21,16 +21,6 @@ from evochi_torch import (
 )
 
 SIZE = 1 << 18  # small tables keep the suite fast
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

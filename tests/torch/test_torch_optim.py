@@ -1,8 +1,7 @@
-import contextlib
-
 import numpy as np
 import pytest
 import torch
+from threads import num_threads
 
 from evochi_torch import (
     ESConfig,
@@ -15,16 +14,6 @@ from evochi_torch import (
     perturbed_params,
     shape_fitness,
 )
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _grads(p: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
