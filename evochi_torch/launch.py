@@ -310,6 +310,15 @@ async def train(
             supervised = asyncio.ensure_future(procs.supervise())
             waiters = {finished, early, supervised}
             await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
+            if (
+                supervised.done()
+                and not finished.done()
+                and all(e.exitcode == 0 for e in procs.exits)
+            ):
+                # Workers told to stop at max_epochs exit while the server may still be
+                # running its last on_epoch callbacks: that is a finish, not a crash.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(finished), timeout=60)
             stopped_early = early.done() and not finished.done()
             all_dead = supervised.done() and not (finished.done() or early.done())
             for task in waiters:
