@@ -7,13 +7,12 @@ import logging
 from pathlib import Path
 from types import TracebackType
 
-import grpc
-import grpc.aio
-
 from evochi.server.config import ServerConfig
 from evochi.server.core import TrainingSnapshot
+from evochi.server.grpcio import GrpcioTransport
+from evochi.server.http2 import Http2Transport
 from evochi.server.metrics import ServerMetrics
-from evochi.server.service import EpochCallback, EvochiService, server_options
+from evochi.server.service import EpochCallback, EvochiService
 from evochi.server.store import CheckpointError, CheckpointStore, CheckpointWriter
 
 __all__ = ["EmbeddedServer"]
@@ -44,7 +43,7 @@ class EmbeddedServer:
         self._requested_port = port
         self.on_epoch = on_epoch
         self.metrics = metrics or ServerMetrics()
-        self._server: grpc.aio.Server | None = None
+        self._server: Http2Transport | GrpcioTransport | None = None
         self._service: EvochiService | None = None
         self.port: int = port
 
@@ -96,22 +95,18 @@ class EmbeddedServer:
         service = EvochiService(
             config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
         )
-        server = grpc.aio.server(options=server_options(config))
-        service.register(server)
-        target = f"{self.host}:{self._requested_port}"
-        if ":" in self.host:
-            target = f"[{self.host}]:{self._requested_port}"
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
-            )
-            port = server.add_secure_port(target, credentials)
+        server: Http2Transport | GrpcioTransport
+        if config.transport == "grpcio":
+            server = GrpcioTransport(service, config)
         else:
-            port = server.add_insecure_port(target)
-        if port == 0:
-            raise OSError(f"could not listen on {target}")
+            server = Http2Transport(
+                service,
+                max_message_bytes=config.max_message_bytes,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+            )
+        port = await server.start(self.host, self._requested_port)
         self.port = port
-        await server.start()
         service.start()
         self._server, self._service = server, service
 

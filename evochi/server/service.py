@@ -1,9 +1,11 @@
-"""The thin grpc.aio adapter around the pure core.
+"""The service: the pure core plus its side effects, independent of the gRPC transport.
 
-Everything runs on one asyncio event loop and every core call is synchronous, so the core
-is never mutated concurrently and needs no lock. Each worker's Subscribe stream drains its
-own ``asyncio.Queue``; core commands fill the queues. Requests are decoded here (not by
-gRPC) so that undecodable bytes get INVALID_ARGUMENT instead of a generic INTERNAL.
+Transports (``evochi.server.http2``, the default, and ``evochi.server.grpcio``) hand over
+raw request bytes and the bearer token; the service decodes them (so undecodable bytes get
+INVALID_ARGUMENT instead of a generic INTERNAL), calls the core and returns serialized
+responses. Rejections are :class:`core.CoreError` exceptions carrying the gRPC status code
+name. Everything runs on one asyncio event loop and every core call is synchronous, so the
+core is never mutated concurrently and needs no lock.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, Protocol
 
-import grpc
-import grpc.aio
 import numpy as np
 from google.protobuf.message import DecodeError
 
@@ -31,27 +31,29 @@ from evochi.server.metrics import ServerMetrics
 from evochi.server.store import Checkpoint, CheckpointWriter
 from evochi.v1 import evochi_pb2 as pb
 
-__all__ = ["EpochCallback", "EvochiService", "server_options"]
+__all__ = ["EpochCallback", "EvochiService", "WorkerStream"]
 
 log = logging.getLogger("evochi.server")
 
 SERVICE_NAME = "evochi.v1.EvochiService"
+UNARY_METHODS = (
+    "Heartbeat",
+    "FinishEvaluation",
+    "FinishOptimization",
+    "FinishInitialization",
+    "FinishShareState",
+)
 EpochCallback = Callable[[core.EpochSummary], Any]
-_CLOSE = object()
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        # Detect dead peers on idle connections, and tolerate clients' own keepalive pings.
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 0),
-        ("grpc.so_reuseport", 0),
-    ]
+class WorkerStream(Protocol):
+    """One worker's Subscribe response stream, as a transport provides it."""
+
+    def send(self, message: bytes) -> None:
+        """Queue one serialized ``SubscribeResponse``; never blocks."""
+
+    def close(self, code: str, message: str) -> None:
+        """End the stream with this gRPC status (``"OK"``: a normal end) after what was sent."""
 
 
 def _varint(value: int) -> bytes:
@@ -90,13 +92,16 @@ class JwtIssuer:
         return f"{self._HEADER}.{payload}.{signature}"
 
 
-def _bearer(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
+def parse_bearer(value: str | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` value, else None."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+_OK = pb.HeartbeatResponse(ok=True).SerializeToString()  # every Finish*Response alike
 
 
 class EvochiService:
@@ -129,7 +134,7 @@ class EvochiService:
             token_factory=JwtIssuer(config.jwt_secret),
             snapshot=snapshot,
         )
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._streams: dict[str, WorkerStream] = {}
         self._notices: asyncio.Queue[Any] = asyncio.Queue()
         self._notice_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -137,6 +142,13 @@ class EvochiService:
         # (id of the epoch's reward array, its packed little-endian float32 bytes)
         self._rewards_cache: tuple[int, bytes] | None = None
         self._join_token = config.join_token.encode() if config.join_token else None
+        self._unary: dict[str, Callable[[bytes, str | None], bytes]] = {
+            "Heartbeat": self._heartbeat,
+            "FinishEvaluation": self._finish_evaluation,
+            "FinishOptimization": self._finish_optimization,
+            "FinishInitialization": self._finish_initialization,
+            "FinishShareState": self._finish_share_state,
+        }
         self.metrics.epoch.set(self.core.epoch)
         if self.core.finished:
             self.finished.set()
@@ -154,8 +166,8 @@ class EvochiService:
 
     async def close(self, reason: str = "server stopping") -> None:
         """End every stream (UNAVAILABLE: the worker may reconnect) and the background tasks."""
-        for worker_id in list(self._queues):
-            self._queues[worker_id].put_nowait((_CLOSE, "UNAVAILABLE", reason))
+        for stream in list(self._streams.values()):
+            stream.close("UNAVAILABLE", reason)
         if self._tick_task is not None:
             self._tick_task.cancel()
         if self._notice_task is not None:
@@ -168,171 +180,103 @@ class EvochiService:
         if self.writer is not None:
             await self.writer.flush()
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """Handlers taking the raw request bytes (decoded by the service)."""
-
-        def serialize(message: Any) -> bytes:
-            # Optimize events arrive pre-serialized (see _optimize_message).
-            return message if type(message) is bytes else message.SerializeToString()
-
-        def unary(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=serialize)
-
-        return {
-            "Subscribe": grpc.unary_stream_rpc_method_handler(
-                self.subscribe, response_serializer=serialize
-            ),
-            "Heartbeat": unary(self.heartbeat),
-            "FinishEvaluation": unary(self.finish_evaluation),
-            "FinishOptimization": unary(self.finish_optimization),
-            "FinishInitialization": unary(self.finish_initialization),
-            "FinishShareState": unary(self.finish_share_state),
-        }
-
-    def register(self, server: grpc.aio.Server) -> None:
-        handlers = self.method_handlers()
-        # Registered methods are matched inside gRPC core without a per-call lookup in
-        # Python; the generic handler stays for servers that route by name.
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
     # ------------------------------------------------------------------ RPCs
 
-    async def subscribe(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SubscribeResponse | bytes]:
-        req = await self._decode(pb.SubscribeRequest, request, context, "Subscribe")
-        if self._join_token is not None:
-            token = _bearer(context)
-            if token is None or not hmac.compare_digest(token.encode(), self._join_token):
-                await self._reject(
-                    context,
-                    "Subscribe",
-                    core.Unauthenticated("this server requires a join token"),
-                )
+    def subscribe(self, request: bytes, bearer: str | None, stream: WorkerStream) -> str:
+        """Registers a worker whose events go to ``stream``; returns its id.
+
+        The transport calls :meth:`stream_ended` once the stream is over, however it ends.
+        """
         try:
+            req = self._decode(pb.SubscribeRequest, request)
+            if self._join_token is not None and (
+                bearer is None or not hmac.compare_digest(bearer.encode(), self._join_token)
+            ):
+                raise core.Unauthenticated("this server requires a join token")
             worker_id, commands = self.core.join(req.cores, time.monotonic())
         except core.CoreError as err:
-            await self._reject(context, "Subscribe", err)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[worker_id] = queue
+            self._rejected("Subscribe", err)
+            raise
+        self._streams[worker_id] = stream
         self._execute(commands)
-        try:
-            while True:
-                item = await queue.get()
-                if type(item) is tuple:
-                    _, code, reason = item
-                    if code == "UNAVAILABLE":
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
-                    if code is not None and code != "CANCELLED":
-                        message = f"removed from the training: {reason}"
-                        await context.abort(grpc.StatusCode[code], message)
-                    return
-                yield item
-        finally:
-            self._queues.pop(worker_id, None)
-            if worker_id in self.core.workers:
-                self._execute(self.core.leave(worker_id, time.monotonic(), "left"))
+        return worker_id
 
-    async def heartbeat(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.HeartbeatResponse:
-        req = await self._decode(pb.HeartbeatRequest, request, context, "Heartbeat")
+    def stream_ended(self, worker_id: str) -> None:
+        """The worker's stream is gone (closed by us, cancelled or disconnected)."""
+        self._streams.pop(worker_id, None)
+        if worker_id in self.core.workers:
+            self._execute(self.core.leave(worker_id, time.monotonic(), "left"))
+
+    def unary(self, method: str, request: bytes, bearer: str | None) -> bytes:
+        """The serialized response of a unary call; raises CoreError when rejected."""
+        handler = self._unary.get(method)
+        if handler is None:
+            raise KeyError(method)
         try:
-            worker_id = self._authenticate(context)
-            self.core.heartbeat(worker_id, req.seq_id, time.monotonic())
+            return handler(request, bearer)
         except core.CoreError as err:
-            await self._reject(context, "Heartbeat", err)
-        return pb.HeartbeatResponse(ok=True)
+            self._rejected(method, err)
+            raise
 
-    async def finish_evaluation(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.FinishEvaluationResponse:
-        req = await self._decode(pb.FinishEvaluationRequest, request, context, "FinishEvaluation")
-        try:
-            worker_id = self._authenticate(context)
-            evaluations = [(e.slice.start, e.slice.end, e.rewards) for e in req.evaluations]
-            commands = self.core.finish_evaluation(
-                worker_id, req.task_id, evaluations, time.monotonic()
-            )
-        except core.CoreError as err:
-            await self._reject(context, "FinishEvaluation", err)
-        self._execute(commands)
-        return pb.FinishEvaluationResponse(ok=True)
+    def _heartbeat(self, request: bytes, bearer: str | None) -> bytes:
+        req = self._decode(pb.HeartbeatRequest, request)
+        self.core.heartbeat(self._authenticate(bearer), req.seq_id, time.monotonic())
+        return _OK
 
-    async def finish_optimization(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.FinishOptimizationResponse:
-        req = await self._decode(
-            pb.FinishOptimizationRequest, request, context, "FinishOptimization"
+    def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:
+        req = self._decode(pb.FinishEvaluationRequest, request)
+        worker_id = self._authenticate(bearer)
+        evaluations = [(e.slice.start, e.slice.end, e.rewards) for e in req.evaluations]
+        self._execute(
+            self.core.finish_evaluation(worker_id, req.task_id, evaluations, time.monotonic())
         )
-        try:
-            worker_id = self._authenticate(context)
-            commands = self.core.finish_optimization(worker_id, req.task_id, time.monotonic())
-        except core.CoreError as err:
-            await self._reject(context, "FinishOptimization", err)
-        self._execute(commands)
-        return pb.FinishOptimizationResponse(ok=True)
+        return _OK
 
-    async def finish_initialization(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.FinishInitializationResponse:
-        req = await self._decode(
-            pb.FinishInitializationRequest, request, context, "FinishInitialization"
+    def _finish_optimization(self, request: bytes, bearer: str | None) -> bytes:
+        req = self._decode(pb.FinishOptimizationRequest, request)
+        worker_id = self._authenticate(bearer)
+        self._execute(self.core.finish_optimization(worker_id, req.task_id, time.monotonic()))
+        return _OK
+
+    def _finish_initialization(self, request: bytes, bearer: str | None) -> bytes:
+        req = self._decode(pb.FinishInitializationRequest, request)
+        worker_id = self._authenticate(bearer)
+        self._execute(
+            self.core.finish_initialization(worker_id, req.task_id, req.state, time.monotonic())
         )
-        try:
-            worker_id = self._authenticate(context)
-            commands = self.core.finish_initialization(
-                worker_id, req.task_id, req.state, time.monotonic()
-            )
-        except core.CoreError as err:
-            await self._reject(context, "FinishInitialization", err)
-        self._execute(commands)
-        return pb.FinishInitializationResponse(ok=True)
+        return _OK
 
-    async def finish_share_state(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> pb.FinishShareStateResponse:
-        req = await self._decode(pb.FinishShareStateRequest, request, context, "FinishShareState")
-        try:
-            worker_id = self._authenticate(context)
-            commands = self.core.finish_share_state(
-                worker_id, req.task_id, req.state, time.monotonic()
-            )
-        except core.CoreError as err:
-            await self._reject(context, "FinishShareState", err)
-        self._execute(commands)
-        return pb.FinishShareStateResponse(ok=True)
+    def _finish_share_state(self, request: bytes, bearer: str | None) -> bytes:
+        req = self._decode(pb.FinishShareStateRequest, request)
+        worker_id = self._authenticate(bearer)
+        self._execute(
+            self.core.finish_share_state(worker_id, req.task_id, req.state, time.monotonic())
+        )
+        return _OK
 
     # ------------------------------------------------------------------ helpers
 
-    async def _decode(
-        self, cls: Any, data: bytes, context: grpc.aio.ServicerContext, method: str
-    ) -> Any:
+    @staticmethod
+    def _decode(cls: Any, data: bytes) -> Any:
         try:
             return cls.FromString(data)
         except (DecodeError, ValueError, TypeError) as err:
-            await self._reject(
-                context, method, core.InvalidArgument(f"malformed {cls.__name__}: {err}")
-            )
+            raise core.InvalidArgument(f"malformed {cls.__name__}: {err}") from None
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> str:
-        token = _bearer(context)
-        if token is None:
+    def _authenticate(self, bearer: str | None) -> str:
+        if bearer is None:
             raise core.Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        return self.core.authenticate(token)
+        return self.core.authenticate(bearer)
 
-    async def _reject(
-        self, context: grpc.aio.ServicerContext, method: str, err: core.CoreError
-    ) -> NoReturn:
+    def _rejected(self, method: str, err: core.CoreError) -> None:
         self.metrics.rejected.labels(method, err.code).inc()
         log.debug("%s rejected: %s %s", method, err.code, err.message)
-        await context.abort(grpc.StatusCode[err.code], err.message)
-        raise AssertionError("context.abort returned")
 
-    def _to_message(self, event: core.Event) -> pb.SubscribeResponse | bytes:
+    def _to_message(self, event: core.Event) -> bytes:
+        message = self._event_proto(event)
+        return message if type(message) is bytes else message.SerializeToString()
+
+    def _event_proto(self, event: core.Event) -> pb.SubscribeResponse | bytes:
         kind = type(event)
         if kind is core.Evaluate:
             return pb.SubscribeResponse(
@@ -402,15 +346,21 @@ class EvochiService:
         for command in commands:
             kind = type(command)
             if kind is core.Send:
-                queue = self._queues.get(command.worker_id)
-                if queue is not None:
-                    queue.put_nowait(self._to_message(command.event))
+                stream = self._streams.get(command.worker_id)
+                if stream is not None:
+                    stream.send(self._to_message(command.event))
             elif kind is core.TaskFinished:
                 metrics.task_seconds_by_kind[command.kind].observe(command.seconds)
             elif kind is core.Close:
-                queue = self._queues.get(command.worker_id)
-                if queue is not None:
-                    queue.put_nowait((_CLOSE, command.code, command.reason))
+                stream = self._streams.get(command.worker_id)
+                if stream is not None:
+                    code, reason = command.code, command.reason
+                    if code is None or code == "CANCELLED":
+                        stream.close("OK", reason)
+                    elif code == "UNAVAILABLE":
+                        stream.close(code, reason)
+                    else:
+                        stream.close(code, f"removed from the training: {reason}")
             elif kind is core.EpochCompleted:
                 self._epoch_completed(command.summary)
             elif kind is core.StateChanged:
