@@ -59,6 +59,9 @@ __all__ = [
 # How many past epochs' reward vectors are kept for workers catching up on missed optimize
 # steps; a worker further behind is dropped (it rejoins and receives the state in hello).
 REWARD_HISTORY = 4
+# Tokens of workers that saw the training finish stay valid for their late heartbeats and
+# results (answered as stale); beyond this many, the oldest are forgotten.
+RETIRED_LIMIT = 4096
 
 
 # --------------------------------------------------------------------------- errors
@@ -457,8 +460,11 @@ class Training:
         worker_id = self._ids.next("worker")
         out: list[Command] = []
         if self.stage is Stage.DONE:
-            # The training is over: tell the worker so and end its stream; nothing kept.
-            out.append(Send(worker_id, self._hello_event(worker_id, "")))
+            # The training is over: tell the worker so and end its stream. Its token is a
+            # real, retired one: a client may send a heartbeat before it reads the stop.
+            token = self._token_factory(worker_id)
+            self._retire(worker_id, token)
+            out.append(Send(worker_id, self._hello_event(worker_id, token)))
             out.append(Send(worker_id, Stop(self._ids.next("stop"))))
             out.append(Close(worker_id, "training finished"))
             return worker_id, out
@@ -862,8 +868,8 @@ class Training:
             out.append(Close(w.id, "training finished"))
             remaining -= 1
             out.append(WorkerLeft(w.id, "training finished", remaining, 0, None))
-        self._retired = dict(self._tokens)
-        self._retired_ids = set(self._retired.values())
+        for token, worker_id in self._tokens.items():
+            self._retire(worker_id, token)
         self.workers.clear()
         self._tokens.clear()
         self._idle.clear()
@@ -871,6 +877,14 @@ class Training:
         self._tasks.clear()
         self._open_evals.clear()
         self._cover[:] = 0
+
+    def _retire(self, worker_id: str, token: str) -> None:
+        """Remember a worker of a finished training; the oldest are forgotten first."""
+        self._retired[token] = worker_id
+        self._retired_ids.add(worker_id)
+        while len(self._retired) > RETIRED_LIMIT:
+            oldest = next(iter(self._retired))
+            self._retired_ids.discard(self._retired.pop(oldest))
 
     def _schedule(self, now: float, out: list[Command]) -> None:
         """Hand work to idle workers and move the training forward."""

@@ -34,12 +34,20 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_server_trains_over_a_secure_channel_and_refuses_plaintext(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["http2", "grpcio"])
+def test_tls_server_trains_over_a_secure_channel_and_refuses_plaintext(
+    tmp_path: Path, transport: str
+) -> None:
     cert, key = self_signed(tmp_path)
 
     async def scenario() -> None:
         config = ServerConfig(
-            population_size=8, max_epochs=2, worker_timeout=4, tls_cert=str(cert), tls_key=str(key)
+            population_size=8,
+            max_epochs=2,
+            worker_timeout=4,
+            tls_cert=str(cert),
+            tls_key=str(key),
+            transport=transport,
         )
         async with EmbeddedServer(config) as server:
             plain = StubWorker(server.address, cores=4)

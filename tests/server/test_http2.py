@@ -1,0 +1,287 @@
+"""The server's own HTTP/2 transport, probed below gRPC: what a broken or hostile peer sends
+gets a GOAWAY or a gRPC status, flow control holds for large states and small windows, idle
+dead peers are dropped; the server keeps serving its honest workers throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import struct
+
+import grpc
+import grpc.aio
+import pytest
+
+from evochi.server import EmbeddedServer, ServerConfig
+from evochi.server import http2 as transport
+from evochi.v1 import evochi_pb2 as pb
+from evochi.v1 import evochi_pb2_grpc as pb_grpc
+from tests.server import h2raw
+from tests.server.h2raw import RawClient, frame, grpc_message
+from tests.server.helpers import OPTIONS, StubWorker, run
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVICE = "/evochi.v1.EvochiService/"
+SUBSCRIBE_1 = grpc_message(pb.SubscribeRequest(cores=1).SerializeToString())
+SUBSCRIBE_2 = grpc_message(pb.SubscribeRequest(cores=2).SerializeToString())
+
+
+def goaway_code(frames: list[h2raw.Frame]) -> int | None:
+    codes = [struct.unpack(">II", f.payload[:8])[1] for f in frames if f.kind == h2raw.GOAWAY]
+    return codes[-1] if codes else None
+
+
+async def initialized(server: EmbeddedServer, state: bytes) -> StubWorker:
+    """A first worker that has initialized the training with ``state``."""
+    worker = StubWorker(server.address, cores=1)
+    await worker.subscribe()
+    task = (await worker.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
+    assert (await worker.finish_initialization(task, state)).ok
+    return worker
+
+
+def test_broken_connections_get_goaway_and_the_server_keeps_serving() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            cases = [
+                # (what the peer sends after connecting, expected GOAWAY error code or None)
+                (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", transport.PROTOCOL_ERROR),
+                (os.urandom(64), transport.PROTOCOL_ERROR),
+                (h2raw.PREFACE + frame(h2raw.SETTINGS, 0, 0)
+                 + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01", transport.FRAME_SIZE_ERROR),
+                (h2raw.PREFACE + frame(h2raw.HEADERS, 5, 1, b"\xff\xff\xff\xff\xff\xff"),
+                 transport.COMPRESSION_ERROR),
+                (h2raw.PREFACE + frame(h2raw.DATA, 0, 0, b"x"), transport.PROTOCOL_ERROR),
+                (h2raw.PREFACE + frame(h2raw.HEADERS, 5, 2, b"\x82"), transport.PROTOCOL_ERROR),
+                (h2raw.PREFACE + frame(h2raw.PING, 0, 0, b"short"), transport.PROTOCOL_ERROR),
+                (h2raw.PREFACE + frame(h2raw.SETTINGS, 0, 0, b"\x00\x04\xff\xff\xff\xff"),
+                 transport.FLOW_CONTROL_ERROR),
+                (h2raw.PREFACE + frame(h2raw.WINDOW_UPDATE, 0, 0, b"\x00\x00\x00\x00"),
+                 transport.PROTOCOL_ERROR),
+            ]  # fmt: skip
+            for sent, code in cases:
+                client = await RawClient.connect(server.port, preface=False)
+                client.send(sent)
+                frames = await client.until_closed()
+                assert goaway_code(frames) == code, (sent[:40], frames)
+                await client.close()
+            # A peer vanishing mid-frame, and one vanishing mid-call, cost nothing.
+            client = await RawClient.connect(server.port)
+            client.send(frame(h2raw.DATA, 0, 1, b"x" * 100)[:50])
+            await client.close()
+            client = await RawClient.connect(server.port)
+            client.request(SERVICE + "Heartbeat", None)
+            await client.close()
+            for seq in range(1, 4):
+                assert (await honest.heartbeat(seq)).ok
+            await asyncio.sleep(0.1)
+            assert len(server._server.connections) == 1  # only the honest worker's
+            await honest.close()
+
+    run(scenario())
+
+
+def test_bad_calls_end_with_a_grpc_status_on_a_connection_that_lives_on() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            client = await RawClient.connect(server.port)
+            beat = pb.HeartbeatRequest(seq_id=1).SerializeToString()
+
+            async def call(path: str, body: bytes | None, **kw: object) -> dict[str, str]:
+                stream_id = client.request(path, body, **kw)  # type: ignore[arg-type]
+                return (await client.response(stream_id)).status
+
+            assert (await call(SERVICE + "Nope", grpc_message(b"")))["grpc-status"] == "12"
+            assert (await call("/other.Service/Heartbeat", grpc_message(beat)))[
+                "grpc-status"
+            ] == "12"
+            plain = "text/plain"
+            status = await call(SERVICE + "Heartbeat", grpc_message(beat), content_type=plain)
+            assert status[":status"] == "415"
+            two = grpc_message(beat) + grpc_message(beat)
+            assert (await call(SERVICE + "Heartbeat", two))["grpc-status"] == "3"
+            assert (await call(SERVICE + "Heartbeat", None))["grpc-status"] == "3"
+            assert (await call(SERVICE + "Heartbeat", b"\x00\x00"))["grpc-status"] == "3"
+            snappy = [("grpc-encoding", "snappy")]
+            status = await call(SERVICE + "Heartbeat", grpc_message(beat, True), extra=snappy)
+            assert status["grpc-status"] == "12"
+            gz = [("grpc-encoding", "gzip")]
+            status = await call(SERVICE + "Heartbeat", grpc_message(b"junk", True), extra=gz)
+            assert status["grpc-status"] == "13"
+            # Decompressed and handed to the service, which wants a token.
+            status = await call(SERVICE + "Heartbeat", grpc_message(gzip.compress(beat), True),
+                                extra=gz)  # fmt: skip
+            assert status["grpc-status"] == "16", status
+            assert "token" in status["grpc-message"]
+            # Percent-encoded grpc-message (RFC 3986 style, as gRPC specifies).
+            status = await call(SERVICE + "Heartbeat", grpc_message(beat),
+                                extra=[("authorization", "Bearer \u00e9t\u00e9")])  # fmt: skip
+            assert status["grpc-status"] == "16"
+            # The connection still serves a real call: Subscribe gets hello.
+            stream_id = client.request(SERVICE + "Subscribe", SUBSCRIBE_2)
+            header = None
+            while header is None:
+                f = await client.read_frame()
+                assert f is not None
+                if f.kind == h2raw.DATA and f.stream_id == stream_id:
+                    header = f.payload
+            event = pb.SubscribeResponse.FromString(bytes(header[5:]))
+            assert event.type == pb.EVENT_TYPE_HELLO and event.hello.population_size == 8
+            await client.close()
+
+    run(scenario())
+
+
+def test_oversized_request_is_resource_exhausted_and_the_upload_is_cut() -> None:
+    async def scenario() -> None:
+        config = ServerConfig(population_size=8, worker_timeout=30, max_message_bytes=4096)
+        async with EmbeddedServer(config) as server:
+            client = await RawClient.connect(server.port)
+            stream_id = client.request(SERVICE + "FinishShareState", None, keep_open=True)
+            client.send(frame(h2raw.DATA, 0, stream_id, grpc_message(b"\x00" * 10_000)))
+            response = await client.response(stream_id)
+            assert response.status["grpc-status"] == "8"
+            assert "limit of 4096 bytes" in response.status["grpc-message"]
+            # The server stopped the upload (RST_STREAM) and ignores what was in flight.
+            client.send(frame(h2raw.DATA, h2raw.END_STREAM, stream_id, b"\x00" * 1000))
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
+            status = (await client.response(client.request(SERVICE + "Heartbeat", beat))).status
+            assert status["grpc-status"] == "16"
+            await client.close()
+
+    run(scenario())
+
+
+def test_large_states_cross_both_ways_intact() -> None:
+    state = os.urandom(40 * 1024 * 1024)
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            first = await initialized(server, state)
+            late = StubWorker(server.address, cores=1)
+            hello = await late.subscribe()
+            assert hello.state == state
+            await late.close()
+            await first.close()
+
+    run(scenario(), timeout=120)
+
+
+def test_a_small_receive_window_is_respected() -> None:
+    state = os.urandom(5000)
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            first = await initialized(server, state)
+            # The client allows 100 bytes per stream until it says otherwise.
+            client = await RawClient.connect(server.port, settings=struct.pack(">HI", 4, 100))
+            stream_id = client.request(SERVICE + "Subscribe", SUBSCRIBE_1)
+            received = bytearray()
+            while True:
+                try:
+                    f = await client.read_frame(timeout=0.5)
+                except TimeoutError:
+                    break  # the server waits for a WINDOW_UPDATE
+                assert f is not None
+                if f.kind == h2raw.DATA and f.stream_id == stream_id:
+                    received += f.payload
+            assert len(received) == 100
+            client.send(frame(h2raw.WINDOW_UPDATE, 0, stream_id, struct.pack(">I", 1 << 20)))
+            while len(received) < 5 + int.from_bytes(received[1:5], "big"):
+                f = await client.read_frame()
+                assert f is not None
+                if f.kind == h2raw.DATA and f.stream_id == stream_id:
+                    received += f.payload
+            event = pb.SubscribeResponse.FromString(bytes(received[5:]))
+            assert event.hello.state == state
+            await client.close()
+            await first.close()
+
+    run(scenario())
+
+
+def test_gzip_compressing_grpc_clients_are_served() -> None:
+    state = b"compressible " * 100_000
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            channel = grpc.aio.insecure_channel(
+                server.address, options=OPTIONS, compression=grpc.Compression.Gzip
+            )
+            stub = pb_grpc.EvochiServiceStub(channel)
+            call = stub.Subscribe(pb.SubscribeRequest(cores=1))
+            hello = (await call.read()).hello
+            auth = (("authorization", f"Bearer {hello.token}"),)
+            task = (await call.read()).initialize.task_id
+            assert (await stub.Heartbeat(pb.HeartbeatRequest(seq_id=1), metadata=auth)).ok
+            request = pb.FinishInitializationRequest(task_id=task, state=state)
+            assert (await stub.FinishInitialization(request, metadata=auth)).ok
+            late = StubWorker(server.address, cores=1)
+            assert (await late.subscribe()).state == state
+            await late.close()
+            call.cancel()
+            await channel.close()
+
+    run(scenario())
+
+
+def test_silent_peers_are_pinged_then_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "KEEPALIVE_IDLE", 0.3)
+    monkeypatch.setattr(transport, "KEEPALIVE_TIMEOUT", 0.6)
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            silent = await RawClient.connect(server.port)
+            alive = await RawClient.connect(server.port)
+
+            async def answer_pings(client: RawClient, seconds: float) -> int:
+                pings = 0
+                loop = asyncio.get_running_loop()
+                end = loop.time() + seconds
+                while loop.time() < end:
+                    try:
+                        f = await client.read_frame(timeout=end - loop.time())
+                    except TimeoutError:
+                        break
+                    if f is None:
+                        break
+                    if f.kind == h2raw.PING and not f.flags & h2raw.ACK:
+                        pings += 1
+                        client.send(frame(h2raw.PING, h2raw.ACK, 0, f.payload))
+                    elif f.kind == h2raw.SETTINGS and not f.flags & h2raw.ACK:
+                        client.send(frame(h2raw.SETTINGS, h2raw.ACK, 0))
+                return pings
+
+            pinger = asyncio.ensure_future(answer_pings(alive, 3.0))
+            frames = await silent.until_closed(timeout=5.0)
+            assert any(f.kind == h2raw.PING for f in frames)
+            assert await pinger >= 2
+            alive.send(frame(h2raw.PING, 0, 0, b"12345678"))
+            f = await alive.read_frame()
+            while f is not None and f.kind != h2raw.PING:
+                f = await alive.read_frame()
+            assert f is not None and f.flags & h2raw.ACK and f.payload == b"12345678"
+            await silent.close()
+            await alive.close()
+
+    run(scenario())
+
+
+def test_stop_sends_goaway_and_ends_streams_with_unavailable() -> None:
+    async def scenario() -> None:
+        server = EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30))
+        await server.start()
+        worker = await initialized(server, b"s")
+        await server.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                event = await worker.read()
+                assert event.type == pb.EVENT_TYPE_EVALUATE  # sent before the stop
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "server stopping"
+        await worker.close()
+
+    run(scenario())
