@@ -59,6 +59,7 @@ DEFAULT_FRAME = 16_384
 OUR_MAX_FRAME = 1 << 20
 OUR_MAX_STREAMS = 1000
 OUR_MAX_HEADER_LIST = 64 * 1024
+HEADER_CACHE_SIZE = 1024  # distinct blocks per connection: (method x worker) pairs
 # Dead peers: a connection silent this long is pinged, and dropped without an answer.
 KEEPALIVE_IDLE = 60.0
 KEEPALIVE_TIMEOUT = 20.0
@@ -192,8 +193,8 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.preface = False
         self.decoder = hpack.Decoder(max_header_list_size=OUR_MAX_HEADER_LIST)
-        # Header blocks made only of indexed fields do not change the HPACK table, and gRPC
-        # clients repeat them call after call: decode each distinct one once.
+        # gRPC clients repeat the same header block call after call once its fields are in
+        # the HPACK table: decode each distinct block once while the table stays the same.
         self.header_cache: dict[bytes, dict[bytes, bytes]] = {}
         self.streams: dict[int, _Stream] = {}
         self.blocked: dict[int, _Stream] = {}
@@ -522,16 +523,22 @@ class _Connection(asyncio.Protocol):
         cached = self.header_cache.get(block)
         if cached is not None:
             return cached
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        before = (len(entries), entries[0] if entries else None, table.maxsize)
         try:
             fields = self.decoder.decode(block, raw=True)
         except hpack.HPACKError as err:
             raise _ConnectionError(COMPRESSION_ERROR, f"bad header block: {err}") from None
         headers = {bytes(name): bytes(value) for name, value in fields}
-        if all(byte & 0x80 for byte in block):
-            if len(self.header_cache) < 256:
+        after = (len(entries), entries[0] if entries else None, table.maxsize)
+        if after[0] == before[0] and after[1] is before[1] and after[2] == before[2]:
+            # The block left the HPACK table as it was (indexed fields and literals without
+            # indexing, e.g. gRPC's authorization): the same bytes will mean the same headers.
+            if len(self.header_cache) < HEADER_CACHE_SIZE:
                 self.header_cache[block] = headers
         else:
-            self.header_cache.clear()  # the dynamic table may have changed
+            self.header_cache.clear()
         return headers
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
