@@ -5,12 +5,14 @@ The server runs in its own process, as in a deployment; all workers run in this 
 one event loop. ``--client stubs`` speaks the protocol with the raw generated stubs (the
 leanest client possible); ``--client worker`` runs real `evochi.v1.Worker` subclasses with
 ``async def`` hooks, the like-for-like comparison with another server driven by its own
-Python client. Prints one line per shape (workers x cores):
+Python client. ``--transport`` picks the server's gRPC transport: ``http2`` (the default)
+or ``grpcio`` (grpc.aio's server, the baseline), or both side by side. Prints one line per
+shape (workers x cores), transport and client:
 
-    orchestration client=worker workers=4 cores=250 epochs_per_s=...
+    orchestration transport=http2 client=worker workers=4 cores=250 epochs_per_s=...
 
-Run: ``python -m benchmarks.orchestration [--client stubs,worker] [--epochs N]
-[--shapes 4x250,16x63]``.
+Run: ``python -m benchmarks.orchestration [--client stubs,worker] [--transport http2,grpcio]
+[--epochs N] [--shapes 4x250,16x63] [--repeat 3]``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ OPTIONS = [
 ]
 
 
-def _serve(epochs: int, port_queue: mp.Queue, straggler_reissue: bool) -> None:
+def _serve(epochs: int, port_queue: mp.Queue, straggler_reissue: bool, transport: str) -> None:
     from evochi.server import EmbeddedServer, ServerConfig
 
     logging.basicConfig(level=logging.WARNING)
@@ -49,6 +51,7 @@ def _serve(epochs: int, port_queue: mp.Queue, straggler_reissue: bool) -> None:
             max_epochs=epochs,
             worker_timeout=60.0,
             straggler_reissue=straggler_reissue,
+            transport=transport,
         )
         async with EmbeddedServer(config) as server:
             port_queue.put(server.port)
@@ -151,11 +154,12 @@ def run_shape(
     epochs: int,
     straggler_reissue: bool = True,
     client: str = "stubs",
+    transport: str = "http2",
 ) -> float:
     """Epochs per second after a warm-up, for one shape."""
     ctx = mp.get_context("spawn")
     port_queue: mp.Queue = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(epochs, port_queue, straggler_reissue))
+    server = ctx.Process(target=_serve, args=(epochs, port_queue, straggler_reissue, transport))
     server.start()
     try:
         port = port_queue.get(timeout=60)
@@ -193,24 +197,41 @@ def main() -> None:
         default="stubs",
         help="comma-separated client kinds: stubs (raw generated stubs), worker (evochi.v1.Worker)",
     )
+    parser.add_argument(
+        "--transport",
+        default="http2",
+        help="comma-separated server transports: http2 (default), grpcio (the baseline)",
+    )
     args = parser.parse_args()
     clients = args.client.split(",")
+    transports = args.transport.split(",")
+    for transport in transports:
+        if transport not in ("http2", "grpcio"):
+            parser.error(f"unknown transport {transport!r}; choose from http2, grpcio")
     for client in clients:
         if client not in CLIENTS:
             parser.error(f"unknown client {client!r}; choose from {', '.join(CLIENTS)}")
     for shape in args.shapes.split(","):
         workers, cores = (int(x) for x in shape.lower().split("x"))
-        for client in clients:
-            rates = sorted(
-                run_shape(workers, cores, args.epochs, not args.no_straggler_reissue, client)
-                for _ in range(max(1, args.repeat))
-            )
-            rate = rates[len(rates) // 2]
-            print(
-                f"orchestration client={client} workers={workers} cores={cores} "
-                f"epochs_per_s={rate:.1f}",
-                flush=True,
-            )
+        for transport in transports:
+            for client in clients:
+                rates = sorted(
+                    run_shape(
+                        workers,
+                        cores,
+                        args.epochs,
+                        not args.no_straggler_reissue,
+                        client,
+                        transport,
+                    )
+                    for _ in range(max(1, args.repeat))
+                )
+                rate = rates[len(rates) // 2]
+                print(
+                    f"orchestration transport={transport} client={client} workers={workers} "
+                    f"cores={cores} epochs_per_s={rate:.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

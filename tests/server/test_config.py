@@ -74,8 +74,10 @@ def test_environment_then_flags_win() -> None:
         "EVOCHI_JWT_SECRET": "not required, accepted",
         "EVOCHI_JOIN_TOKEN": "join",
         "EVOCHI_STRAGGLER_REISSUE": "false",
+        "EVOCHI_TRANSPORT": "GRPCIO",
     }
     cfg = resolve_config(explicit_settings([], env))
+    assert cfg.transport == "grpcio"
     assert (cfg.population_size, cfg.port, cfg.worker_timeout) == (100, 9000, 90.0)
     assert (cfg.max_workers, cfg.max_epochs, cfg.max_slices_per_eval) == (8, 20, 3)
     assert cfg.log_level == "debug" and cfg.jwt_secret == "not required, accepted"
@@ -90,8 +92,10 @@ def test_environment_then_flags_win() -> None:
         "--log-level=WARNING",
         "--metrics-port=9100",
         "--host=127.0.0.1",
+        "--transport=http2",
     ]
     cfg = resolve_config(explicit_settings(flags, env))
+    assert cfg.transport == "http2"
     assert (cfg.population_size, cfg.port, cfg.worker_timeout) == (7, 0, 10.0)
     assert (cfg.max_workers, cfg.max_epochs, cfg.max_slices_per_eval) == (2, 3, 1)
     assert cfg.log_level == "warning" and cfg.metrics_port == 9100 and cfg.host == "127.0.0.1"
@@ -115,6 +119,7 @@ def test_stored_configuration_fills_what_is_not_given() -> None:
         ([], {"EVOCHI_POPULATION_SIZE": "5", "EVOCHI_WORKER_TIMEOUT": "soon"}, "duration"),
         ([], {"EVOCHI_POPULATION_SIZE": "5", "EVOCHI_WORKER_TIMEOUT": "0s"}, "worker_timeout"),
         (["--population-size=5", "--tls-cert=c.pem"], {}, "tls_cert and tls_key"),
+        ([], {"EVOCHI_POPULATION_SIZE": "5", "EVOCHI_TRANSPORT": "h3"}, "transport must be one of"),
     ],
 )
 def test_bad_values_have_clear_errors(argv: list[str], env: dict[str, str], message: str) -> None:
@@ -147,11 +152,13 @@ def test_help_explains_every_flag_with_env_names() -> None:
         "--tls-cert",
         "--tls-key",
         "--no-straggler-reissue",
+        "--transport",
     ):
         assert flag in out
     for var in ("EVOCHI_POPULATION_SIZE", "EVOCHI_SERVER_PORT", "EVOCHI_WORKER_TIMEOUT",
                 "EVOCHI_MAX_WORKERS", "EVOCHI_MAX_EPOCHS", "EVOCHI_MAX_SLICES_PER_EVAL",
-                "EVOCHI_LOG_LEVEL", "EVOCHI_JWT_SECRET", "EVOCHI_JOIN_TOKEN"):  # fmt: skip
+                "EVOCHI_LOG_LEVEL", "EVOCHI_JWT_SECRET", "EVOCHI_JOIN_TOKEN",
+                "EVOCHI_TRANSPORT"):  # fmt: skip
         assert var in out
     assert "default 8080" in out and "default 1m" in out
 
