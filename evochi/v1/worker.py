@@ -449,7 +449,8 @@ class Worker(abc.ABC, Generic[S]):
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code in _STALE_TASK_CODES:
-                log.warning("the server dropped a late result (%s): %s", code.name, exc.details())
+                # Normal operation (a re-issued copy won, or the training just ended): no alarm.
+                log.info("the server dropped a late result (%s): %s", code.name, exc.details())
                 return
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ProtocolError(f"the server refused a result: {exc.details()}") from exc
