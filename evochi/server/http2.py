@@ -59,7 +59,10 @@ DEFAULT_FRAME = 16_384
 OUR_MAX_FRAME = 1 << 20
 OUR_MAX_STREAMS = 1000
 OUR_MAX_HEADER_LIST = 64 * 1024
+MAX_HEADER_BLOCK = 32 * 1024  # compressed; decoding a hostile block costs CPU in proportion
 HEADER_CACHE_SIZE = 1024  # distinct blocks per connection: (method x worker) pairs
+HEADER_CACHE_BLOCK = 2048  # larger blocks are decoded every time, never kept
+MAX_SUBSCRIBE_REQUEST = 64 * 1024  # a SubscribeRequest is one int32
 # Dead peers: a connection silent this long is pinged, and dropped without an answer.
 KEEPALIVE_IDLE = 60.0
 KEEPALIVE_TIMEOUT = 20.0
@@ -209,6 +212,9 @@ class _Connection(asyncio.Protocol):
         self.going_away = False
         self.last_seen = time.monotonic()
         self.ping_sent: float | None = None
+        self.write_paused = False
+        self.write_backlog = 0  # write-buffer size at the last keepalive check
+        self.buffered = 0  # request bytes held in streams' buffers
 
     # ------------------------------------------------------------------ asyncio
 
@@ -234,7 +240,23 @@ class _Connection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         self.blocked.clear()
         for stream in streams.values():
-            self._forget_worker(stream)
+            try:
+                self._forget_worker(stream)
+            except Exception:
+                log.exception("releasing the worker of a lost connection failed")
+
+    def pause_writing(self) -> None:
+        # The peer does not read: stop reading its requests (PINGs, calls) until it does, so
+        # that nothing it sends can make us queue answers without bound.
+        self.write_paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.last_seen = time.monotonic()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -398,6 +420,8 @@ class _Connection(asyncio.Protocol):
             block = self._unpad(flags, payload)
             if flags & PRIORITY_FLAG:
                 block = block[5:]
+            if len(block) > MAX_HEADER_BLOCK:
+                raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
             if flags & END_HEADERS:
                 self._headers(stream_id, flags, block)
             else:
@@ -407,7 +431,7 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
             block_buf = self.continuation[2]
             block_buf += payload
-            if len(block_buf) > OUR_MAX_HEADER_LIST * 2:
+            if len(block_buf) > MAX_HEADER_BLOCK:
                 raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
             if flags & END_HEADERS:
                 first_flags = self.continuation[1]
@@ -427,9 +451,11 @@ class _Connection(asyncio.Protocol):
                 raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
-                self.blocked.pop(stream_id, None)
+                self._release(stream)
                 stream.local_closed = stream.remote_closed = True
                 self._forget_worker(stream)
+                if self.going_away and not self.streams:
+                    self.close()
         elif kind == GOAWAY:
             self.going_away = True
             if not self.streams:
@@ -460,8 +486,10 @@ class _Connection(asyncio.Protocol):
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "window too large")
                 delta = value - self.peer_window
                 self.peer_window = value
-                for stream in self.streams.values():
+                for stream in list(self.streams.values()):
                     stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise _ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
             elif key == S_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value <= 2**24 - 1:
                     raise _ConnectionError(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
@@ -485,6 +513,9 @@ class _Connection(asyncio.Protocol):
         stream = self.streams.get(stream_id)
         if stream is not None and increment:
             stream.send_window += increment
+            if stream.send_window > MAX_WINDOW:
+                self._reset(stream, FLOW_CONTROL_ERROR)
+                return
             if stream.pending or stream.trailers is not None:
                 self._flush(stream)
 
@@ -507,17 +538,41 @@ class _Connection(asyncio.Protocol):
         if stream.local_closed:
             return
         stream.data += body
-        if len(stream.data) > self.max_message + 5:
-            stream.data = bytearray()
+        self.buffered += len(body)
+        limit = MAX_SUBSCRIBE_REQUEST if stream.method == "Subscribe" else self.max_message
+        if len(stream.data) > limit + 5:
+            self._release(stream)
+            self.send_trailers(
+                stream, "RESOURCE_EXHAUSTED", f"request larger than the limit of {limit} bytes"
+            )
+            return
+        if self.buffered > self.max_message + MAX_SUBSCRIBE_REQUEST:
+            # One connection holds at most one largest message's worth of unfinished uploads.
+            self._release(stream)
             self.send_trailers(
                 stream,
                 "RESOURCE_EXHAUSTED",
-                f"request larger than the server's limit of {self.max_message} bytes",
+                "too many unfinished uploads on this connection; send large messages one at a time",
             )
             return
         if flags & END_STREAM:
             stream.remote_closed = True
             self._dispatch(stream)
+
+    def _release(self, stream: _Stream) -> None:
+        """Forget the stream's buffered request bytes and its queued output."""
+        self.buffered -= len(stream.data)
+        stream.data = bytearray()
+        self.blocked.pop(stream.id, None)
+
+    def _reset(self, stream: _Stream, code: int) -> None:
+        """End one stream with RST_STREAM (a stream error; the connection lives on)."""
+        self.streams.pop(stream.id, None)
+        self._release(stream)
+        stream.pending.clear()
+        stream.local_closed = stream.remote_closed = True
+        self.write(_frame(RST_STREAM, 0, stream.id, struct.pack(">I", code)))
+        self._forget_worker(stream)
 
     def _decode_headers(self, block: bytes) -> dict[bytes, bytes]:
         cached = self.header_cache.get(block)
@@ -535,14 +590,14 @@ class _Connection(asyncio.Protocol):
         if after[0] == before[0] and after[1] is before[1] and after[2] == before[2]:
             # The block left the HPACK table as it was (indexed fields and literals without
             # indexing, e.g. gRPC's authorization): the same bytes will mean the same headers.
-            if len(self.header_cache) < HEADER_CACHE_SIZE:
+            if len(block) <= HEADER_CACHE_BLOCK and len(self.header_cache) < HEADER_CACHE_SIZE:
                 self.header_cache[block] = headers
         else:
             self.header_cache.clear()
         return headers
 
     def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode_headers(block)
+        headers = self._decode_headers(block)  # always: it keeps the HPACK table in step
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client end its request
             if flags & END_STREAM and not stream.remote_closed:
@@ -550,15 +605,13 @@ class _Connection(asyncio.Protocol):
                 self._dispatch(stream)
             return
         if stream_id <= self.last_stream:
-            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on a closed stream")
+            return  # a stream we already answered or reset: what follows is moot
         self.last_stream = stream_id
-        if self.going_away:
+        if self.going_away or len(self.streams) >= OUR_MAX_STREAMS:
             self.write(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return
-        if len(self.streams) >= OUR_MAX_STREAMS:
-            self.write(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
-            return
-        method = _PATHS.get(headers.get(b":path", b""), "")
+        path = headers.get(b":path", b"")
+        method = _PATHS.get(path, "")
         bearer = None
         authorization = headers.get(b"authorization")
         if authorization is not None:
@@ -567,32 +620,50 @@ class _Connection(asyncio.Protocol):
                          self.peer_window)  # fmt: skip
         self.streams[stream_id] = stream
         stream.remote_closed = bool(flags & END_STREAM)
-        if not headers.get(b"content-type", b"").startswith(b"application/grpc"):
-            stream.headers_sent = stream.local_closed = True
-            block = b"\x08" + _hpack_int(3, 7) + b"415"  # :status (static name 8) 415
-            self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream_id, block))
-            self._closed_locally(stream)
+        if headers.get(b":method") != b"POST":
+            self._http_error(stream, b"405")
+            return
+        content_type = headers.get(b"content-type", b"")
+        if not (content_type == b"application/grpc" or content_type.startswith(
+            (b"application/grpc+", b"application/grpc;")
+        )):  # fmt: skip
+            self._http_error(stream, b"415")
             return
         if not method:
-            path = headers.get(b":path", b"").decode("latin-1")
-            self.send_trailers(stream, "UNIMPLEMENTED", f"unknown method {path}")
+            self.send_trailers(stream, "UNIMPLEMENTED", f"unknown method {path.decode('latin-1')}")
+            return
+        try:
+            # Refuse a call whose token is wrong now, before buffering any of its request.
+            self.service.admit(method, bearer)
+        except core.CoreError as err:
+            self.send_trailers(stream, err.code, err.message)
             return
         if stream.remote_closed:
             self._dispatch(stream)
+
+    def _http_error(self, stream: _Stream, status: bytes) -> None:
+        """A plain HTTP answer (not a gRPC call at all): :status, nothing else."""
+        stream.headers_sent = stream.local_closed = True
+        block = b"\x08" + _hpack_int(len(status), 7) + status  # :status is static name 8
+        self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
+        self._closed_locally(stream)
 
     # ------------------------------------------------------------------ calls
 
     def _request(self, stream: _Stream) -> bytes:
         body = stream.data
-        stream.data = bytearray()
+        self._release(stream)
         if len(body) < 5:
             raise _CallError("INVALID_ARGUMENT", "expected one request message, got none")
         length = int.from_bytes(body[1:5], "big")
         if len(body) != 5 + length:
             raise _CallError("INVALID_ARGUMENT", "expected exactly one request message")
         message = bytes(body[5:])
-        if body[0] == 0:
+        flag = body[0]
+        if flag == 0:
             return message
+        if flag != 1:
+            raise _CallError("INTERNAL", f"invalid compressed-flag byte {flag}")
         encoding = (stream.encoding or b"identity").decode("latin-1")
         if encoding in ("gzip", "deflate"):
             inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
@@ -602,6 +673,8 @@ class _Connection(asyncio.Protocol):
                 raise _CallError("INTERNAL", f"cannot decompress the request: {err}") from None
             if len(plain) > self.max_message:
                 raise _CallError("RESOURCE_EXHAUSTED", "decompressed request over the limit")
+            if not inflater.eof or inflater.unused_data:
+                raise _CallError("INTERNAL", f"truncated or trailing {encoding} data")
             return plain
         if encoding == "identity":
             raise _CallError("INTERNAL", "compressed message without grpc-encoding")
@@ -613,13 +686,16 @@ class _Connection(asyncio.Protocol):
         try:
             message = self._request(stream)
             if stream.method == "Subscribe":
-                stream.worker_id = self.service.subscribe(message, stream.bearer, stream)
+                worker_id = self.service.subscribe(message, stream.bearer, stream)
+                if stream.local_closed or stream.trailers is not None:
+                    # Closed already while joining (a training that has finished): the
+                    # service must still hear that the stream is over, once.
+                    asyncio.get_running_loop().call_soon(self.service.stream_ended, worker_id)
+                else:
+                    stream.worker_id = worker_id
                 return
             response = self.service.unary(stream.method, message, stream.bearer)
-        except _CallError as err:
-            self.send_trailers(stream, err.code, err.message)
-            return
-        except core.CoreError as err:
+        except (_CallError, core.CoreError) as err:
             self.send_trailers(stream, err.code, err.message)
             return
         except Exception:
@@ -632,7 +708,20 @@ class _Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ keepalive
 
     def check_alive(self, now: float) -> None:
-        if self.closed:
+        if self.closed or self.transport is None:
+            return
+        if self.write_paused:
+            # Reading is paused (see pause_writing): a peer still draining a large state is
+            # alive; one whose backlog does not shrink is not.
+            backlog = self.transport.get_write_buffer_size()
+            if backlog < self.write_backlog:
+                self.last_seen = now
+                self.ping_sent = None
+            self.write_backlog = backlog
+            if now - self.last_seen > KEEPALIVE_IDLE + KEEPALIVE_TIMEOUT:
+                log.info("closing a connection whose peer stopped reading")
+                self.closed = True
+                self.transport.abort()
             return
         if self.ping_sent is not None:
             if now - self.ping_sent > KEEPALIVE_TIMEOUT:

@@ -182,6 +182,24 @@ class EvochiService:
 
     # ------------------------------------------------------------------ RPCs
 
+    def admit(self, method: str, bearer: str | None) -> None:
+        """Raises CoreError unless ``bearer`` may call ``method`` at all: lets a transport
+        refuse a call from its headers, before buffering any of its request."""
+        try:
+            if method == "Subscribe":
+                self._check_join_token(bearer)
+            else:
+                self._authenticate(bearer)
+        except core.CoreError as err:
+            self._rejected(method, err)
+            raise
+
+    def _check_join_token(self, bearer: str | None) -> None:
+        if self._join_token is not None and (
+            bearer is None or not hmac.compare_digest(bearer.encode(), self._join_token)
+        ):
+            raise core.Unauthenticated("this server requires a join token")
+
     def subscribe(self, request: bytes, bearer: str | None, stream: WorkerStream) -> str:
         """Registers a worker whose events go to ``stream``; returns its id.
 
@@ -189,16 +207,17 @@ class EvochiService:
         """
         try:
             req = self._decode(pb.SubscribeRequest, request)
-            if self._join_token is not None and (
-                bearer is None or not hmac.compare_digest(bearer.encode(), self._join_token)
-            ):
-                raise core.Unauthenticated("this server requires a join token")
+            self._check_join_token(bearer)
             worker_id, commands = self.core.join(req.cores, time.monotonic())
         except core.CoreError as err:
             self._rejected("Subscribe", err)
             raise
         self._streams[worker_id] = stream
-        self._execute(commands)
+        try:
+            self._execute(commands)
+        except BaseException:
+            self.stream_ended(worker_id)  # the transport fails the call: nothing may linger
+            raise
         return worker_id
 
     def stream_ended(self, worker_id: str) -> None:
@@ -219,13 +238,14 @@ class EvochiService:
             raise
 
     def _heartbeat(self, request: bytes, bearer: str | None) -> bytes:
+        worker_id = self._authenticate(bearer)
         req = self._decode(pb.HeartbeatRequest, request)
-        self.core.heartbeat(self._authenticate(bearer), req.seq_id, time.monotonic())
+        self.core.heartbeat(worker_id, req.seq_id, time.monotonic())
         return _OK
 
     def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:
+        worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishEvaluationRequest, request)
-        worker_id = self._authenticate(bearer)
         evaluations = [(e.slice.start, e.slice.end, e.rewards) for e in req.evaluations]
         self._execute(
             self.core.finish_evaluation(worker_id, req.task_id, evaluations, time.monotonic())
@@ -233,22 +253,22 @@ class EvochiService:
         return _OK
 
     def _finish_optimization(self, request: bytes, bearer: str | None) -> bytes:
+        worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishOptimizationRequest, request)
-        worker_id = self._authenticate(bearer)
         self._execute(self.core.finish_optimization(worker_id, req.task_id, time.monotonic()))
         return _OK
 
     def _finish_initialization(self, request: bytes, bearer: str | None) -> bytes:
+        worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishInitializationRequest, request)
-        worker_id = self._authenticate(bearer)
         self._execute(
             self.core.finish_initialization(worker_id, req.task_id, req.state, time.monotonic())
         )
         return _OK
 
     def _finish_share_state(self, request: bytes, bearer: str | None) -> bytes:
+        worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishShareStateRequest, request)
-        worker_id = self._authenticate(bearer)
         self._execute(
             self.core.finish_share_state(worker_id, req.task_id, req.state, time.monotonic())
         )

@@ -89,13 +89,14 @@ class RawClient:
         content_type: str = "application/grpc",
         extra: list[tuple[str, str]] | None = None,
         keep_open: bool = False,
+        method: str = "POST",
     ) -> int:
         """Send a call's headers and, unless ``body`` is None, its data ending the stream
         (``keep_open``: headers only, the stream left open for DATA frames)."""
         stream_id = self.next_stream
         self.next_stream += 2
         headers = [
-            (":method", "POST"),
+            (":method", method),
             (":scheme", "http"),
             (":path", path),
             (":authority", "localhost"),

@@ -124,7 +124,10 @@ async def stateless_attacks(server: EmbeddedServer, victim_token: str, log: list
             request_serializer=lambda b: b,
             response_deserializer=lambda b: b,
         )
-        await expect_error(raw(b"\x0a\xff\xff\xff\xff\x0f"), CODE.INVALID_ARGUMENT)
+        garbage = b"\x0a\xff\xff\xff\xff\x0f"
+        # Strangers' bytes are not even parsed; a worker's garbage is INVALID_ARGUMENT.
+        await expect_error(raw(garbage), CODE.UNAUTHENTICATED)
+        await expect_error(raw(garbage, metadata=probe.auth(victim_token)), CODE.INVALID_ARGUMENT)
     log.append("garbage bytes")
     # Zero, negative cores; a huge core count is served (tasks never exceed the population).
     for cores in (0, -1, -(2**31)):

@@ -19,7 +19,7 @@ from evochi.v1 import evochi_pb2 as pb
 from evochi.v1 import evochi_pb2_grpc as pb_grpc
 from tests.server import h2raw
 from tests.server.h2raw import RawClient, frame, grpc_message
-from tests.server.helpers import OPTIONS, StubWorker, run
+from tests.server.helpers import OPTIONS, StubWorker, play, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,38 +87,51 @@ def test_broken_connections_get_goaway_and_the_server_keeps_serving() -> None:
 def test_bad_calls_end_with_a_grpc_status_on_a_connection_that_lives_on() -> None:
     async def scenario() -> None:
         async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            auth = [("authorization", f"Bearer {honest.token}")]
             client = await RawClient.connect(server.port)
             beat = pb.HeartbeatRequest(seq_id=1).SerializeToString()
 
             async def call(path: str, body: bytes | None, **kw: object) -> dict[str, str]:
+                kw["extra"] = [*auth, *kw.get("extra", [])]  # type: ignore[list-item]
                 stream_id = client.request(path, body, **kw)  # type: ignore[arg-type]
                 return (await client.response(stream_id)).status
 
             assert (await call(SERVICE + "Nope", grpc_message(b"")))["grpc-status"] == "12"
-            assert (await call("/other.Service/Heartbeat", grpc_message(beat)))[
-                "grpc-status"
-            ] == "12"
-            plain = "text/plain"
-            status = await call(SERVICE + "Heartbeat", grpc_message(beat), content_type=plain)
-            assert status[":status"] == "415"
+            status = await call("/other.Service/Heartbeat", grpc_message(beat))
+            assert status["grpc-status"] == "12"
+            for content_type in ("text/plain", "application/grpc-web"):
+                status = await call(
+                    SERVICE + "Heartbeat", grpc_message(beat), content_type=content_type
+                )
+                assert status == {":status": "415"}
+            status = await call(SERVICE + "Heartbeat", grpc_message(beat), method="GET")
+            assert status == {":status": "405"}
+            # Framing: two messages, none, a cut prefix, a bad flag byte.
             two = grpc_message(beat) + grpc_message(beat)
             assert (await call(SERVICE + "Heartbeat", two))["grpc-status"] == "3"
             assert (await call(SERVICE + "Heartbeat", None))["grpc-status"] == "3"
             assert (await call(SERVICE + "Heartbeat", b"\x00\x00"))["grpc-status"] == "3"
+            flag7 = b"\x07" + grpc_message(beat)[1:]
+            status = await call(SERVICE + "Heartbeat", flag7)
+            assert status["grpc-status"] == "13" and "flag" in status["grpc-message"]
+            # Compression: an unknown encoding, junk, truncated gzip; then real gzip.
             snappy = [("grpc-encoding", "snappy")]
             status = await call(SERVICE + "Heartbeat", grpc_message(beat, True), extra=snappy)
             assert status["grpc-status"] == "12"
             gz = [("grpc-encoding", "gzip")]
             status = await call(SERVICE + "Heartbeat", grpc_message(b"junk", True), extra=gz)
             assert status["grpc-status"] == "13"
-            # Decompressed and handed to the service, which wants a token.
-            status = await call(SERVICE + "Heartbeat", grpc_message(gzip.compress(beat), True),
-                                extra=gz)  # fmt: skip
-            assert status["grpc-status"] == "16", status
-            assert "token" in status["grpc-message"]
-            # Percent-encoded grpc-message (RFC 3986 style, as gRPC specifies).
-            status = await call(SERVICE + "Heartbeat", grpc_message(beat),
-                                extra=[("authorization", "Bearer \u00e9t\u00e9")])  # fmt: skip
+            cut = gzip.compress(beat)[:-6]
+            status = await call(SERVICE + "Heartbeat", grpc_message(cut, True), extra=gz)
+            assert status["grpc-status"] == "13" and "truncated" in status["grpc-message"]
+            zipped = grpc_message(gzip.compress(beat), True)
+            status = await call(SERVICE + "Heartbeat", zipped, extra=gz)
+            assert status["grpc-status"] == "0", status  # decompressed: heartbeat 1 accepted
+            # A stranger (a token nobody holds) is refused; grpc-message is percent-encoded.
+            stranger = [("authorization", "Bearer \u00e9t\u00e9")]
+            stream_id = client.request(SERVICE + "Heartbeat", grpc_message(beat), extra=stranger)
+            status = (await client.response(stream_id)).status
             assert status["grpc-status"] == "16"
             # The connection still serves a real call: Subscribe gets hello.
             stream_id = client.request(SERVICE + "Subscribe", SUBSCRIBE_2)
@@ -131,26 +144,122 @@ def test_bad_calls_end_with_a_grpc_status_on_a_connection_that_lives_on() -> Non
             event = pb.SubscribeResponse.FromString(bytes(header[5:]))
             assert event.type == pb.EVENT_TYPE_HELLO and event.hello.population_size == 8
             await client.close()
+            await honest.close()
 
     run(scenario())
 
 
-def test_oversized_request_is_resource_exhausted_and_the_upload_is_cut() -> None:
+def test_strangers_are_refused_from_their_headers_and_oversized_uploads_are_cut() -> None:
     async def scenario() -> None:
-        config = ServerConfig(population_size=8, worker_timeout=30, max_message_bytes=4096)
+        config = ServerConfig(
+            population_size=8, worker_timeout=30, max_message_bytes=4096, join_token="j"
+        )
         async with EmbeddedServer(config) as server:
+            join = [("authorization", "Bearer j")]
+            honest = StubWorker(server.address, cores=1, metadata=join)
+            await honest.subscribe()
+            task = (await honest.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
+            assert (await honest.finish_initialization(task, b"s")).ok
+            auth = [("authorization", f"Bearer {honest.token}")]
             client = await RawClient.connect(server.port)
-            stream_id = client.request(SERVICE + "FinishShareState", None, keep_open=True)
+            # Strangers are answered from their headers alone: no DATA was ever sent.
+            for method in ("FinishShareState", "Subscribe"):
+                stream_id = client.request(SERVICE + method, None, keep_open=True)
+                assert (await client.response(stream_id)).status["grpc-status"] == "16", method
+            # A worker's oversized message: RESOURCE_EXHAUSTED, the upload reset.
+            stream_id = client.request(
+                SERVICE + "FinishShareState", None, keep_open=True, extra=auth
+            )
             client.send(frame(h2raw.DATA, 0, stream_id, grpc_message(b"\x00" * 10_000)))
             response = await client.response(stream_id)
             assert response.status["grpc-status"] == "8"
             assert "limit of 4096 bytes" in response.status["grpc-message"]
-            # The server stopped the upload (RST_STREAM) and ignores what was in flight.
+            # What was still in flight for that stream is ignored.
             client.send(frame(h2raw.DATA, h2raw.END_STREAM, stream_id, b"\x00" * 1000))
+            # A join uploads at most 64 KiB (a SubscribeRequest is one int).
+            stream_id = client.request(SERVICE + "Subscribe", None, keep_open=True, extra=join)
+            client.send(frame(h2raw.DATA, 0, stream_id, b"\x00" * 70_000))
+            assert (await client.response(stream_id)).status["grpc-status"] == "8"
             beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
-            status = (await client.response(client.request(SERVICE + "Heartbeat", beat))).status
-            assert status["grpc-status"] == "16"
+            stream_id = client.request(SERVICE + "Heartbeat", beat, extra=auth)
+            assert (await client.response(stream_id)).status["grpc-status"] == "0"
             await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_unfinished_uploads_on_one_connection_are_capped() -> None:
+    async def scenario() -> None:
+        config = ServerConfig(population_size=8, worker_timeout=30, max_message_bytes=100_000)
+        async with EmbeddedServer(config) as server:
+            honest = await initialized(server, b"s")
+            auth = [("authorization", f"Bearer {honest.token}")]
+            client = await RawClient.connect(server.port)
+            ids = [
+                client.request(SERVICE + "FinishShareState", None, keep_open=True, extra=auth)
+                for _ in range(4)
+            ]
+            # 4 x 60,000 bytes: each within the limit, together over limit + 64 KiB.
+            for sid in ids:
+                client.send(frame(h2raw.DATA, 0, sid, b"\x00" * 60_000))
+            for sid in ids[2:]:
+                status = (await client.response(sid)).status
+                assert status["grpc-status"] == "8" and "one at a time" in status["grpc-message"]
+            for sid in ids[:2]:  # within bounds: they go on, and are answered when complete
+                client.send(frame(h2raw.DATA, h2raw.END_STREAM, sid, b""))
+                assert (await client.response(sid)).status["grpc-status"] == "3"
+            await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_a_join_after_the_training_finished_leaves_nothing_behind() -> None:
+    async def scenario() -> None:
+        config = ServerConfig(population_size=8, max_epochs=1, worker_timeout=30)
+        async with EmbeddedServer(config) as server:
+            worker = StubWorker(server.address, cores=8)
+            await play(worker)
+            await server.wait_finished(timeout=10)
+            for _ in range(5):
+                late = StubWorker(server.address, cores=1)
+                await late.subscribe()
+                await late.expect(pb.EVENT_TYPE_STOP)
+                assert await late.read() is grpc.aio.EOF
+                await late.close()
+            await asyncio.sleep(0.05)
+            assert server.service._streams == {}
+            await worker.close()
+
+    run(scenario())
+
+
+def test_hostile_header_blocks_and_ping_floods_cost_little() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            # A 40 KiB header block (HPACK table-size updates, decoding to nothing).
+            client = await RawClient.connect(server.port)
+            client.send(frame(h2raw.HEADERS, h2raw.END_HEADERS, 1, b"\x20" * 40_000))
+            assert goaway_code(await client.until_closed()) == transport.PROTOCOL_ERROR
+            await client.close()
+            # A peer that floods PINGs and never reads: its input is paused, memory bounded.
+            flooder = await RawClient.connect(server.port)
+            ping = frame(h2raw.PING, 0, 0, b"12345678") * 4096
+            for _ in range(600):  # up to 40 MiB of PINGs
+                flooder.send(ping)
+                try:
+                    await asyncio.wait_for(flooder.writer.drain(), 0.2)
+                except TimeoutError:
+                    break  # the server stopped reading: TCP pushes back on us
+            await asyncio.sleep(0.2)
+            backlog = max(c.transport.get_write_buffer_size() for c in server._server.connections)
+            assert backlog < 4 * 1024 * 1024
+            for seq in range(1, 4):  # the honest worker is served all along
+                assert (await honest.heartbeat(seq)).ok
+            flooder.writer.transport.abort()
+            await honest.close()
 
     run(scenario())
 
