@@ -784,5 +784,12 @@ class Http2Transport:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
+        # close() lets buffered output drain; a peer that does not read never lets it.
+        deadline = time.monotonic() + 1.0
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
         await server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost callbacks run
