@@ -36,4 +36,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.cartpole_solve
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-interop runs .pytest_cache
