@@ -30,7 +30,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.orchestration
+	$(PY) -m benchmarks.orchestration --transport http2,grpcio
+	$(PY) -m benchmarks.transport
 	$(PY) -m benchmarks.es_update
 	$(PY) -m benchmarks.population_forward
 	$(PY) -m benchmarks.cartpole_solve
