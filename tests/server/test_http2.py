@@ -33,9 +33,11 @@ def goaway_code(frames: list[h2raw.Frame]) -> int | None:
     return codes[-1] if codes else None
 
 
-async def initialized(server: EmbeddedServer, state: bytes) -> StubWorker:
+async def initialized(
+    server: EmbeddedServer, state: bytes, metadata: list[tuple[str, str]] | None = None
+) -> StubWorker:
     """A first worker that has initialized the training with ``state``."""
-    worker = StubWorker(server.address, cores=1)
+    worker = StubWorker(server.address, cores=1, metadata=metadata or ())
     await worker.subscribe()
     task = (await worker.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
     assert (await worker.finish_initialization(task, state)).ok
@@ -156,10 +158,7 @@ def test_strangers_are_refused_from_their_headers_and_oversized_uploads_are_cut(
         )
         async with EmbeddedServer(config) as server:
             join = [("authorization", "Bearer j")]
-            honest = StubWorker(server.address, cores=1, metadata=join)
-            await honest.subscribe()
-            task = (await honest.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
-            assert (await honest.finish_initialization(task, b"s")).ok
+            honest = await initialized(server, b"s", metadata=join)
             auth = [("authorization", f"Bearer {honest.token}")]
             client = await RawClient.connect(server.port)
             # Strangers are answered from their headers alone: no DATA was ever sent.
