@@ -26,6 +26,7 @@ from evochi_torch.launch import (
     spread,
     train,
 )
+from evochi_torch.ray import add_ray_flags
 
 log = logging.getLogger("evochi_torch")
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: 127.0.0.1",
     )
     tr.add_argument("--worker-timeout", type=float, default=60.0, help="seconds. Default: 60")
+    add_ray_flags(tr)
     _add_config_flags(tr)
 
     wk = sub.add_parser(
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="connect with TLS, trusting this CA/self-signed certificate file",
     )
+    add_ray_flags(wk)
     _add_config_flags(wk)
     return parser
 
@@ -181,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.ray is not None:
+        from evochi_torch.ray import run_cli  # imports Ray, an optional extra
+
+        return run_cli(args, config)
     threads = args.threads or default_threads(len(placed))
 
     try:

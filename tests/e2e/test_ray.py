@@ -1,0 +1,157 @@
+"""Ray-launched workers on a real local Ray cluster (2 CPUs, loopback only): the same bits as
+the local launcher, a SIGKILLed actor restarted by Ray that joins again, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
+from evochi_torch import ESConfig, TorchESState, decode_state
+from evochi_torch.launch import WorkerSpec, train
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'evochi[ray]'")
+
+from evochi_torch.ray import RayPlacement, start_workers, train_ray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 6
+TARGET = "examples.cartpole:CartPole"
+CONFIG = ESConfig(population_size=32, sigma=0.2, learning_rate=0.2, optimizer="adam", seed=3)
+
+
+def spec() -> WorkerSpec:
+    return WorkerSpec(TARGET, cores=16, kwargs={"config": CONFIG}, threads=1)
+
+
+def server_config(max_epochs: int = EPOCHS) -> ServerConfig:
+    return ServerConfig(population_size=32, max_epochs=max_epochs, worker_timeout=60.0)
+
+
+def run(coro, timeout: float = 240.0):
+    async def guarded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(guarded())
+
+
+class Final:
+    """Records the last epoch's state (the training's result)."""
+
+    def __init__(self) -> None:
+        self.state: bytes | None = None
+        self.epochs: list[int] = []
+
+    def __call__(self, summary: EpochSummary) -> None:
+        self.state = summary.state
+        self.epochs.append(summary.epoch)
+
+    def decoded(self) -> TorchESState:
+        assert self.state is not None, "no epoch completed"
+        return decode_state(self.state)
+
+
+def assert_same(a: TorchESState, b: TorchESState) -> None:
+    assert a.epoch == b.epoch == EPOCHS
+    assert torch.equal(a.params, b.params)  # bitwise, not allclose
+    for key in a.opt_state:
+        assert torch.equal(a.opt_state[key], b.opt_state[key]), key
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    # Everything on loopback, small: tests share a 2-core machine.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference() -> TorchESState:
+    """The local launcher's result: two worker processes, same seed."""
+    final = Final()
+    result = run(train(spec(), server_config(), ["cpu", "cpu"], on_epoch=final))
+    assert result.epochs == EPOCHS and not result.crashed
+    return final.decoded()
+
+
+@pytest.mark.timeout(300)
+def test_ray_training_gives_the_local_launchers_bits(local_cluster, reference) -> None:
+    final = Final()
+    result = run(train_ray(spec(), server_config(), RayPlacement(num_workers=2), on_epoch=final))
+    assert (result.epochs, result.stopped_early, result.crashed) == (EPOCHS, False, [])
+    assert final.epochs == list(range(1, EPOCHS + 1))
+    assert_same(final.decoded(), reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_actor_is_restarted_and_joins_again(local_cluster, reference) -> None:
+    # One actor: after its SIGKILL the training can only finish if Ray restarts it and the
+    # new process joins again.
+    async def main():
+        final = Final()
+        async with EmbeddedServer(server_config(), on_epoch=final) as server:
+            workers = start_workers(spec(), server.address, RayPlacement(num_workers=1))
+            try:
+                while server.epoch < 3:
+                    await asyncio.sleep(0.05)
+                [before] = await asyncio.to_thread(workers.info)
+                os.kill(before["pid"], signal.SIGKILL)
+                await server.wait_finished()
+                [after] = await asyncio.to_thread(workers.info)
+                joins = server.metrics.joins._value.get()
+                await asyncio.to_thread(workers.wait, 60)
+            finally:
+                await asyncio.to_thread(workers.stop)
+        return final, before, after, joins, workers.exits
+
+    final, before, after, joins, exits = run(main())
+    assert not before["restarted"]
+    assert after["restarted"] and after["pid"] != before["pid"]
+    assert joins == 2  # the first process, then its replacement as a new worker
+    assert [(e.index, e.exitcode) for e in exits] == [(0, 0)]
+    # Losing the worker mid-training loses nothing: the same bits as the fault-free run.
+    assert_same(final.decoded(), reference)
+
+
+@pytest.mark.timeout(300)
+def test_cli_train_with_ray_joins_a_running_cluster(local_cluster) -> None:
+    # `--ray ADDRESS`: a second driver on the test's cluster, as a user would join one.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "evochi_torch", "train", TARGET, "--ray", local_cluster,
+         "--num-workers", "2", "--max-epochs", "3", "--seed", "3"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trained epochs=3" in out.stdout
+
+
+def test_cli_explains_bad_ray_flags() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "evochi_torch", "worker", TARGET, "--server", "h:1", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+    missing = cli("--ray", "auto")
+    assert missing.returncode == 2 and "--ray needs --num-workers N" in missing.stderr
+    devices = cli("--ray", "auto", "--num-workers", "2", "--devices", "cuda:0")
+    assert devices.returncode == 2 and "use --gpus-per-worker" in devices.stderr
+    zero = cli("--ray", "auto", "--num-workers", "0")
+    assert zero.returncode == 2 and "--num-workers must be positive" in zero.stderr
+    with pytest.raises(ValueError, match="must be whole"):
+        RayPlacement(num_workers=1, gpus_per_worker=1.5)
