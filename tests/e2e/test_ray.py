@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
 from evochi_torch import ESConfig, TorchESState, decode_state
+from evochi_torch.__main__ import main
 from evochi_torch.launch import WorkerSpec, train
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'evochi[ray]'")
@@ -140,18 +142,49 @@ def test_cli_train_with_ray_joins_a_running_cluster(local_cluster) -> None:
     assert "trained epochs=3" in out.stdout
 
 
-def test_cli_explains_bad_ray_flags() -> None:
+def test_cli_explains_bad_ray_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    def cli(*args: str) -> tuple[int, str]:
+        code = main(["worker", TARGET, "--server", "h:1", *args])
+        return code, capsys.readouterr().err
+
+    assert cli("--ray", "auto") == (2, "error: --ray needs --num-workers N\n")
+    code, err = cli("--ray", "auto", "--num-workers", "2", "--devices", "cuda:0")
+    assert code == 2 and "use --gpus-per-worker" in err
+    code, err = cli("--ray", "auto", "--num-workers", "0")
+    assert code == 2 and "--num-workers must be positive" in err
+    code, err = cli("--ray", "auto", "--num-workers", "1", "--gpus-per-worker", "1.5")
+    assert code == 2 and "must be whole" in err
+
+
+@pytest.mark.timeout(300)
+def test_cli_workers_leave_and_end_on_sigterm(local_cluster, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "workers.log"
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "evochi_torch", "worker", TARGET, "--server", "h:1", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    async def main() -> int:
+        config = ServerConfig(population_size=32, max_epochs=0, worker_timeout=60.0)
+        async with EmbeddedServer(config) as server:
+            with log.open("w") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "evochi_torch", "worker", TARGET,
+                     "--server", server.address, "--ray", local_cluster, "--num-workers", "2",
+                     "--cores", "16"],
+                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                )  # fmt: skip
+            workers = server.metrics.workers
+            while server.epoch < 3 or workers._value.get() < 2:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            while proc.poll() is None:
+                await asyncio.sleep(0.1)
+            # Both actors left the training (not timed out: the server saw them go)...
+            while workers._value.get() > 0:
+                await asyncio.sleep(0.05)
+            return proc.returncode
 
-    missing = cli("--ray", "auto")
-    assert missing.returncode == 2 and "--ray needs --num-workers N" in missing.stderr
-    devices = cli("--ray", "auto", "--num-workers", "2", "--devices", "cuda:0")
-    assert devices.returncode == 2 and "use --gpus-per-worker" in devices.stderr
-    zero = cli("--ray", "auto", "--num-workers", "0")
-    assert zero.returncode == 2 and "--num-workers must be positive" in zero.stderr
-    with pytest.raises(ValueError, match="must be whole"):
-        RayPlacement(num_workers=1, gpus_per_worker=1.5)
+    assert run(main()) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "interrupted; Ray workers stopped" in log.read_text()
+    # ...and Ray got their CPUs back: the actors are gone, not restarted.
+    while ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.1)
