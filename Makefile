@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo proto lint bench clean
+.PHONY: install test demo proto lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.es_update
 	$(PY) -m benchmarks.population_forward
 	$(PY) -m benchmarks.cartpole_solve
+
+# CUDA-only tests, CartPole on cuda:0 and the device benchmarks; skips (exit 0) without a GPU.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) .venv-interop runs .pytest_cache
