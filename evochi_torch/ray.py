@@ -220,6 +220,8 @@ class RayWorkers:
         """Blocks until every actor's run ended (or `timeout`); returns those that ended."""
         ray = _ray()
         pending = [r for r in self.runs if r not in self._seen()]
+        if not pending:
+            return self.exits
         done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
         for ref in done:
             self.exits.append(self._outcome(self.runs.index(ref), ref))
