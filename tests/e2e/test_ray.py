@@ -188,3 +188,12 @@ def test_cli_workers_leave_and_end_on_sigterm(local_cluster, tmp_path: Path) -> 
     # ...and Ray got their CPUs back: the actors are gone, not restarted.
     while ray.available_resources().get("CPU", 0) < 2:
         time.sleep(0.1)
+
+
+def test_a_missing_ray_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    code = main(["worker", TARGET, "--server", "h:1", "--ray", "local", "--num-workers", "1"])
+    assert code == 2
+    assert "pip install 'evochi[ray]'" in capsys.readouterr().err
