@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -197,6 +198,7 @@ class RayWorkers:
     placement: RayPlacement
     grace: float = 5.0
     exits: list[WorkerExit] = dataclasses.field(default_factory=list)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def info(self) -> list[dict[str, Any]]:
         """Per actor: its pid, Ray node id, device, and whether Ray restarted it."""
@@ -219,13 +221,16 @@ class RayWorkers:
     def wait(self, timeout: float | None = None) -> list[WorkerExit]:
         """Blocks until every actor's run ended (or `timeout`); returns those that ended."""
         ray = _ray()
-        pending = [r for r in self.runs if r not in self._seen()]
-        if not pending:
+        # One caller at a time: a cancelled `supervise` may leave a wait running in its
+        # thread while `stop` waits too, and each end must be recorded once.
+        with self._lock:
+            pending = [r for r in self.runs if r not in self._seen()]
+            if not pending:
+                return self.exits
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
+            for ref in done:
+                self.exits.append(self._outcome(self.runs.index(ref), ref))
             return self.exits
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout)
-        for ref in done:
-            self.exits.append(self._outcome(self.runs.index(ref), ref))
-        return self.exits
 
     def _seen(self) -> set[Any]:
         return {self.runs[e.index] for e in self.exits}
