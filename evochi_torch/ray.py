@@ -448,6 +448,9 @@ def run_cli(args: argparse.Namespace, config: Any) -> int:
     except (ValueError, RayMissingError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while Ray starts; afterwards signals are handled in _cli_main
+        print("interrupted", file=sys.stderr)
+        return 130
     return asyncio.run(_cli_main(args, config, placement))
 
 
