@@ -243,12 +243,13 @@ def test_resume_settings_come_from_flags_or_environment_and_are_checked(tmp_path
 # ---------------------------------------------------------------------- metrics
 
 
-def test_metrics_of_every_member_are_summed_per_epoch_and_exact() -> None:
+@pytest.mark.parametrize("transport", ["http2", "grpcio"])
+def test_metrics_of_every_member_are_summed_per_epoch_and_exact(transport: str) -> None:
     population, epochs = 20, 3
 
     async def scenario() -> None:
         summaries: list[EpochSummary] = []
-        config = ServerConfig(population_size=population, max_epochs=epochs)
+        config = ServerConfig(population_size=population, max_epochs=epochs, transport=transport)
         async with EmbeddedServer(config, on_epoch=summaries.append) as server:
             workers = [StepsWorker(server.address, c) for c in (3, 7, 5)]
             for w in workers:
