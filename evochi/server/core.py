@@ -604,16 +604,20 @@ class Training:
         assert self._frozen is not None
         started = self.epoch_started_at if self.epoch_started_at is not None else now
         member_metrics = self._member_metrics
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, values in member_metrics.items():
+            reported = ~np.isnan(values)
+            counts[name] = int(np.count_nonzero(reported))
+            totals[name] = float(np.sum(values, where=reported))
         summary = EpochSummary(
             epoch=finished_epoch,
             seconds=now - started,
             workers=len(self.workers),
             rewards=self._frozen,
             state=bytes(state),
-            metrics={n: float(np.nansum(v)) for n, v in member_metrics.items()},
-            metric_members={
-                n: int(self._pop - np.count_nonzero(np.isnan(v))) for n, v in member_metrics.items()
-            },
+            metrics=totals,
+            metric_members=counts,
             member_metrics=member_metrics,
         )
         self.state = summary.state
@@ -755,13 +759,14 @@ class Training:
         out: list[tuple[str, np.ndarray]] = []
         names: set[str] = set()
         for name, values in metrics:
-            error = metric_name_error(name)
-            if error is not None:
-                raise InvalidArgument(f"slice [{start}, {end}): {error}")
             if name in names:
                 raise InvalidArgument(f"slice [{start}, {end}) has metric {name!r} twice")
             names.add(name)
             if name not in self._metric_names and name not in new_names:
+                # Known names were checked when first seen.
+                error = metric_name_error(name)
+                if error is not None:
+                    raise InvalidArgument(f"slice [{start}, {end}): {error}")
                 if len(self._metric_names) + len(new_names) >= MAX_METRICS:
                     raise InvalidArgument(
                         f"metric {name!r} would be this training's metric number "
