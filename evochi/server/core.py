@@ -543,9 +543,7 @@ class Training:
         evaluations: Sequence[tuple[int, int, Iterable[float]]],
         now: float,
     ) -> list[Command]:
-        """``evaluations``: (start, end, rewards) or (start, end, rewards, metrics) per
-        slice, in any order; ``metrics`` is None or a sequence of (name, values) pairs, one
-        value per member of the slice."""
+        """``evaluations``: (start, end, rewards) per slice, in any order."""
         w = self._worker(worker_id)
         task = self._task(w, task_id, EVALUATE)
         arrays, metrics = self._validate_evaluations(task, evaluations)
@@ -710,7 +708,11 @@ class Training:
         list[list[tuple[str, np.ndarray]] | None] | None,
     ]:
         """The rewards of each evaluation and, only when some evaluation carries metrics,
-        its validated metrics (a list aligned with the rewards)."""
+        its validated metrics (a list aligned with the rewards).
+
+        An evaluation may be (start, end, rewards, metrics): ``metrics`` (the protocol's
+        ``Evaluation.metrics`` extension) is None or a sequence of (name, values) pairs with
+        one value per member of the slice."""
         if len(evaluations) != len(task.slices):
             raise InvalidArgument(
                 f"expected {len(task.slices)} evaluations (one per assigned slice), "
