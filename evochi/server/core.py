@@ -22,10 +22,12 @@ from __future__ import annotations
 import enum
 import math
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from evochi.v1.metrics import MAX_METRICS, metric_name_error
 
 __all__ = [
     "Close",
@@ -178,6 +180,18 @@ class EpochSummary:
     rewards: np.ndarray
     # The start state of the next epoch, as sent by the sharing worker.
     state: bytes
+    # Per-member metrics (the ``Evaluation.metrics`` protocol extension), by name: the sum
+    # over the members that reported the metric, and how many did. Fewer members than the
+    # population means the sum is partial: workers that do not report it (e.g. the
+    # published client) took part. ``member_metrics`` holds each member's value (float64,
+    # NaN where not reported; read-only).
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    metric_members: Mapping[str, int] = field(default_factory=dict)
+    member_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def metric_exact(self, name: str) -> bool:
+        """True when every member of the epoch reported ``name``: its sum is exact."""
+        return self.metric_members.get(name, 0) == len(self.rewards)
 
 
 @dataclass(slots=True, frozen=True)
@@ -387,6 +401,8 @@ class Training:
         self._history: dict[int, np.ndarray] = {}
         self._frozen: np.ndarray | None = None
         self._rates: list[float] = []  # seconds per member of finished evaluate tasks
+        # Every metric name reported in this training (bounded by MAX_METRICS).
+        self._metric_names: dict[str, None] = {}
         self.epoch_started_at: float | None = None
         self._reset_epoch_arrays()
 
@@ -448,6 +464,9 @@ class Training:
             if t.kind == OPTIMIZE and t.waited and t.epoch == self.epoch
         )
         assert waited == self._waited_optimizes, (waited, self._waited_optimizes)
+        for name, values in self._member_metrics.items():
+            # A metric value is only ever recorded together with its member's reward.
+            assert not (~np.isnan(values) & ~self.recorded).any(), f"stray {name!r} value"
 
     # ------------------------------------------------------------------ events in
 
@@ -527,14 +546,16 @@ class Training:
         """``evaluations``: (start, end, rewards) per slice, in any order."""
         w = self._worker(worker_id)
         task = self._task(w, task_id, EVALUATE)
-        arrays = self._validate_evaluations(task, evaluations)
+        arrays, metrics = self._validate_evaluations(task, evaluations)
         out: list[Command] = []
         current = task.epoch == self.epoch and self.stage is not Stage.DONE
         if current:
             recorded, rewards, cover = self.recorded, self.rewards, self._cover
-            for (s, e), arr in arrays:
+            for i, ((s, e), arr) in enumerate(arrays):
                 seg = recorded[s:e]
                 if not seg.any():
+                    if metrics is not None and metrics[i]:
+                        self._record_metrics(s, e, metrics[i], None)
                     rewards[s:e] = arr
                     seg[:] = True
                     self._n_recorded += e - s
@@ -543,6 +564,8 @@ class Training:
                     fresh = ~seg
                     n = int(fresh.sum())
                     if n:
+                        if metrics is not None and metrics[i]:
+                            self._record_metrics(s, e, metrics[i], fresh)
                         rewards[s:e][fresh] = arr[fresh]
                         seg[fresh] = True
                         self._n_recorded += n
@@ -578,12 +601,22 @@ class Training:
         finished_epoch = self.epoch
         assert self._frozen is not None
         started = self.epoch_started_at if self.epoch_started_at is not None else now
+        member_metrics = self._member_metrics
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, values in member_metrics.items():
+            reported = ~np.isnan(values)
+            counts[name] = int(np.count_nonzero(reported))
+            totals[name] = float(np.sum(values, where=reported))
         summary = EpochSummary(
             epoch=finished_epoch,
             seconds=now - started,
             workers=len(self.workers),
             rewards=self._frozen,
             state=bytes(state),
+            metrics=totals,
+            metric_members=counts,
+            member_metrics=member_metrics,
         )
         self.state = summary.state
         max_epochs = self.config.max_epochs
@@ -643,6 +676,8 @@ class Training:
         self._waited_optimizes = 0
         self._frozen = None
         self._rates = []
+        # name -> float64 value per member, NaN until recorded; made on first report.
+        self._member_metrics: dict[str, np.ndarray] = {}
 
     def _worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
@@ -668,7 +703,16 @@ class Training:
 
     def _validate_evaluations(
         self, task: Task, evaluations: Sequence[tuple[int, int, Iterable[float]]]
-    ) -> list[tuple[tuple[int, int], np.ndarray]]:
+    ) -> tuple[
+        list[tuple[tuple[int, int], np.ndarray]],
+        list[list[tuple[str, np.ndarray]] | None] | None,
+    ]:
+        """The rewards of each evaluation and, only when some evaluation carries metrics,
+        its validated metrics (a list aligned with the rewards).
+
+        An evaluation may be (start, end, rewards, metrics): ``metrics`` (the protocol's
+        ``Evaluation.metrics`` extension) is None or a sequence of (name, values) pairs with
+        one value per member of the slice."""
         if len(evaluations) != len(task.slices):
             raise InvalidArgument(
                 f"expected {len(task.slices)} evaluations (one per assigned slice), "
@@ -677,7 +721,10 @@ class Training:
         assigned = set(task.slices)
         seen: set[tuple[int, int]] = set()
         arrays = []
-        for start, end, rewards in evaluations:
+        metrics: list[list[tuple[str, np.ndarray]] | None] | None = None
+        new_names: dict[str, None] = {}
+        for index, item in enumerate(evaluations):
+            start, end, rewards = item[0], item[1], item[2]
             key = (int(start), int(end))
             if key not in assigned:
                 raise InvalidArgument(f"slice [{start}, {end}) was not assigned in this task")
@@ -694,7 +741,72 @@ class Training:
             if not np.isfinite(arr).all():
                 raise InvalidArgument(f"slice [{start}, {end}) has a NaN or infinite reward")
             arrays.append((key, arr))
-        return arrays
+            if len(item) > 3 and item[3]:
+                if metrics is None:
+                    metrics = [None] * len(evaluations)
+                metrics[index] = self._validate_metrics(key, item[3], new_names)
+        if new_names:
+            # Only now that the whole request is valid: a rejected one changes nothing.
+            self._metric_names.update(new_names)
+        return arrays, metrics
+
+    def _validate_metrics(
+        self,
+        key: tuple[int, int],
+        metrics: Iterable[tuple[str, Iterable[float]]],
+        new_names: dict[str, None],
+    ) -> list[tuple[str, np.ndarray]]:
+        start, end = key
+        width = end - start
+        out: list[tuple[str, np.ndarray]] = []
+        names: set[str] = set()
+        for name, values in metrics:
+            if name in names:
+                raise InvalidArgument(f"slice [{start}, {end}) has metric {name!r} twice")
+            names.add(name)
+            if name not in self._metric_names and name not in new_names:
+                # Known names were checked when first seen.
+                error = metric_name_error(name)
+                if error is not None:
+                    raise InvalidArgument(f"slice [{start}, {end}): {error}")
+                if len(self._metric_names) + len(new_names) >= MAX_METRICS:
+                    raise InvalidArgument(
+                        f"metric {name!r} would be this training's metric number "
+                        f"{MAX_METRICS + 1}; at most {MAX_METRICS} names are accepted "
+                        f"(already: {', '.join(self._metric_names)})"
+                    )
+                new_names[name] = None
+            arr = np.asarray(values, dtype=np.float64)
+            if arr.ndim != 1 or arr.shape[0] != width:
+                raise InvalidArgument(
+                    f"slice [{start}, {end}) needs {width} values of metric {name!r}, "
+                    f"got {arr.size}"
+                )
+            if not np.isfinite(arr).all():
+                raise InvalidArgument(
+                    f"slice [{start}, {end}) has a NaN or infinite value of metric {name!r}"
+                )
+            out.append((name, arr))
+        return out
+
+    def _record_metrics(
+        self,
+        s: int,
+        e: int,
+        metrics: list[tuple[str, np.ndarray]],
+        fresh: np.ndarray | None,
+    ) -> None:
+        """Writes the metrics of members [s, e) (only the ``fresh`` ones when given)."""
+        table = self._member_metrics
+        for name, arr in metrics:
+            values = table.get(name)
+            if values is None:
+                values = table[name] = np.empty(self._pop)
+                values.fill(np.nan)  # np.full costs several times more for this
+            if fresh is None:
+                values[s:e] = arr
+            else:
+                values[s:e][fresh] = arr[fresh]
 
     def _new_task(self, w: WorkerInfo, kind: str, now: float, epoch: int, **kw: object) -> Task:
         task = Task(
@@ -920,6 +1032,8 @@ class Training:
             self.stage = Stage.OPTIMIZE
             self._frozen = self.rewards.copy()
             self._frozen.setflags(write=False)
+            for values in self._member_metrics.values():
+                values.setflags(write=False)  # handed out in the EpochSummary
             self._history[self.epoch] = self._frozen
             self._history.pop(self.epoch - REWARD_HISTORY, None)
         if self.stage is Stage.OPTIMIZE and self._waited_optimizes == 0:
