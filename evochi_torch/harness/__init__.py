@@ -15,6 +15,7 @@ from .trainer import (
     RunResult,
     Trainer,
     attach_state,
+    load_state,
     offline_worker,
     train,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Trainer",
     "WandbLogger",
     "attach_state",
+    "load_state",
     "make_loggers",
     "offline_worker",
     "plot_curve",

@@ -41,6 +41,7 @@ __all__ = [
     "RunResult",
     "Trainer",
     "attach_state",
+    "load_state",
     "offline_worker",
     "train",
 ]
@@ -136,6 +137,26 @@ class RunDir:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: not a run directory with a checkpoint")
         return load_checkpoint(path)
+
+
+def load_state(path: str | Path, which: str = "checkpoint") -> TorchESState:
+    """A training state from a run directory (its checkpoint, or `which="best"`), a
+    .safetensors checkpoint, or an `evochi-server --state-dir` (or its checkpoint.evochi)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() and (path / "checkpoint.safetensors").exists():
+        return RunDir(path).load(which)
+    if path.is_dir() or path.suffix == ".evochi":
+        from evochi.server.store import CheckpointStore
+
+        checkpoint = CheckpointStore(path if path.is_dir() else path.parent).load()
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"{path} holds neither a run (checkpoint.safetensors) nor a server checkpoint"
+            )
+        return decode_state(checkpoint.state)
+    return load_checkpoint(path)
 
 
 def offline_worker(cls: type, state: TorchESState | None = None, **kwargs: Any) -> Any:
