@@ -408,7 +408,7 @@ class GymWorker(TorchESWorker):
                 "the server's training was not started by a GymWorker (its state has no "
                 "gymnasium settings); join it with the worker class that started it"
             )
-        shared = GymSettings.from_extra(state.extra["gym"])
+        shared = type(self.env_settings).from_extra(state.extra["gym"])
         if shared != self.env_settings:
             log.warning("adopting the training's gymnasium settings: %s", shared)
             self.env_settings = shared
