@@ -125,9 +125,7 @@ class Args:
     """the task: env id, policy size, episode length, reward shift, statistics, top-k"""
     es: ESConfig = _ES
     """the ES hyper-parameters (every ESConfig field)"""
-    run: RunConfig = field(
-        default_factory=lambda: RunConfig(max_epochs=None, env_steps=10_000_000)
-    )
+    run: RunConfig = field(default_factory=lambda: RunConfig(max_epochs=None, env_steps=10_000_000))
     """workers, budget (env steps: training + statistics episodes), run directory, loggers"""
     final_episodes: int = 10
     """center-policy episodes at the end (the reported return)"""
