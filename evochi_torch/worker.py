@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -101,6 +101,8 @@ class TorchESWorker(Worker[TorchESState]):
 
         `policy(x)` runs the policy with `x` of shape [B, ...], row b with the parameters
         of member `members[b]` (int64 CPU tensor of population indices). Higher is better.
+        May return `(rewards, {"env_steps": one value per member, ...})`: the metrics reach
+        the server's `EpochSummary.metrics` (see `split_score`).
         """
 
     # ------------------------------------------------------------------ accessors
@@ -185,10 +187,11 @@ class TorchESWorker(Worker[TorchESState]):
         policy = PopulationPolicy(self.module, params)
         with torch.no_grad():
             raw = self.score(policy, epoch, members)
+        raw, metrics = split_score(raw)
         if isinstance(raw, torch.Tensor):
             raw = raw.detach().to("cpu", torch.float64).numpy()
         rewards = check_rewards(raw, members.numpy(), self._config.nan_penalty)
-        return Eval.from_flat(slices, rewards.tolist())
+        return Eval.from_flat(slices, rewards.tolist(), metrics)
 
     def optimize(self, epoch: int, rewards: list[float]) -> TorchESState:
         # advance() returns a new state, never an in-place update: a hook abandoned mid-way
@@ -210,3 +213,18 @@ class TorchESWorker(Worker[TorchESState]):
             )
             cached = self._offsets = (epoch, offsets, signs)
         return cached[1], cached[2]
+
+
+def split_score(raw: Any) -> tuple[Any, dict[str, np.ndarray] | None]:
+    """``score``'s result as (rewards, per-member metrics or None).
+
+    ``score`` returns either the rewards or a ``(rewards, metrics)`` tuple whose metrics
+    map names to one value per member (sequences, arrays or tensors on any device).
+    """
+    if not (isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[1], Mapping)):
+        return raw, None
+    rewards, metrics = raw
+    return rewards, {
+        str(name): torch.as_tensor(values).detach().to("cpu", torch.float64).numpy()
+        for name, values in metrics.items()
+    }

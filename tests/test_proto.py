@@ -39,7 +39,13 @@ def test_wire_numbers_match_protocol() -> None:
         return {f.name: f.number for f in message.DESCRIPTOR.fields}
 
     assert numbers(pb.Slice) == {"start": 1, "end": 2}
-    assert numbers(pb.Evaluation) == {"slice": 1, "rewards": 2}
+    # Extension (docs/protocol.md): metrics = 3, never one of the published numbers.
+    assert numbers(pb.Evaluation) == {"slice": 1, "rewards": 2, "metrics": 3}
+    assert numbers(pb.Metric) == {"name": 1, "values": 2}
+    metrics = pb.Evaluation.DESCRIPTOR.fields_by_name["metrics"]
+    assert metrics.message_type is pb.Metric.DESCRIPTOR and metrics.is_repeated
+    values = pb.Metric.DESCRIPTOR.fields_by_name["values"]
+    assert values.type == values.TYPE_DOUBLE and values.is_repeated
     assert numbers(pb.HelloEvent) == {
         "id": 1,
         "token": 2,
@@ -98,4 +104,19 @@ def test_known_bytes() -> None:
     # slice: tag 0x0a len 4 {08 01 10 03}; rewards packed float: tag 0x12 len 8.
     assert msg.SerializeToString() == bytes.fromhex("0a04080110031208") + bytes.fromhex(
         "0000803f000000c0"
+    )
+
+
+def test_known_bytes_of_the_metrics_extension() -> None:
+    from evochi.v1 import evochi_pb2 as pb
+
+    msg = pb.Evaluation(
+        slice=pb.Slice(start=0, end=1),
+        rewards=[1.0],
+        metrics=[pb.Metric(name="n", values=[2.0])],
+    )
+    # slice (start 0 is the default, so omitted), rewards, then metrics: tag 0x1a len 13
+    # {name: 0a 01 'n', values packed double: 12 08 <2.0>}.
+    assert msg.SerializeToString() == bytes.fromhex(
+        "0a02100112040000803f1a0d0a016e12080000000000000040"
     )

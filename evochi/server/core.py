@@ -22,10 +22,12 @@ from __future__ import annotations
 import enum
 import math
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from evochi.v1.metrics import MAX_METRICS, metric_name_error
 
 __all__ = [
     "Close",
@@ -178,6 +180,18 @@ class EpochSummary:
     rewards: np.ndarray
     # The start state of the next epoch, as sent by the sharing worker.
     state: bytes
+    # Per-member metrics (the ``Evaluation.metrics`` protocol extension), by name: the sum
+    # over the members that reported the metric, and how many did. Fewer members than the
+    # population means the sum is partial: workers that do not report it (e.g. the
+    # published client) took part. ``member_metrics`` holds each member's value (float64,
+    # NaN where not reported; read-only).
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    metric_members: Mapping[str, int] = field(default_factory=dict)
+    member_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def metric_exact(self, name: str) -> bool:
+        """True when every member of the epoch reported ``name``: its sum is exact."""
+        return self.metric_members.get(name, 0) == len(self.rewards)
 
 
 @dataclass(slots=True, frozen=True)
@@ -387,6 +401,8 @@ class Training:
         self._history: dict[int, np.ndarray] = {}
         self._frozen: np.ndarray | None = None
         self._rates: list[float] = []  # seconds per member of finished evaluate tasks
+        # Every metric name reported in this training (bounded by MAX_METRICS).
+        self._metric_names: dict[str, None] = {}
         self.epoch_started_at: float | None = None
         self._reset_epoch_arrays()
 
@@ -524,17 +540,21 @@ class Training:
         evaluations: Sequence[tuple[int, int, Iterable[float]]],
         now: float,
     ) -> list[Command]:
-        """``evaluations``: (start, end, rewards) per slice, in any order."""
+        """``evaluations``: (start, end, rewards) or (start, end, rewards, metrics) per
+        slice, in any order; ``metrics`` is None or a sequence of (name, values) pairs, one
+        value per member of the slice."""
         w = self._worker(worker_id)
         task = self._task(w, task_id, EVALUATE)
-        arrays = self._validate_evaluations(task, evaluations)
+        arrays, metrics = self._validate_evaluations(task, evaluations)
         out: list[Command] = []
         current = task.epoch == self.epoch and self.stage is not Stage.DONE
         if current:
             recorded, rewards, cover = self.recorded, self.rewards, self._cover
-            for (s, e), arr in arrays:
+            for i, ((s, e), arr) in enumerate(arrays):
                 seg = recorded[s:e]
                 if not seg.any():
+                    if metrics is not None and metrics[i]:
+                        self._record_metrics(s, e, metrics[i], None)
                     rewards[s:e] = arr
                     seg[:] = True
                     self._n_recorded += e - s
@@ -543,6 +563,8 @@ class Training:
                     fresh = ~seg
                     n = int(fresh.sum())
                     if n:
+                        if metrics is not None and metrics[i]:
+                            self._record_metrics(s, e, metrics[i], fresh)
                         rewards[s:e][fresh] = arr[fresh]
                         seg[fresh] = True
                         self._n_recorded += n
@@ -578,12 +600,18 @@ class Training:
         finished_epoch = self.epoch
         assert self._frozen is not None
         started = self.epoch_started_at if self.epoch_started_at is not None else now
+        member_metrics = self._member_metrics
         summary = EpochSummary(
             epoch=finished_epoch,
             seconds=now - started,
             workers=len(self.workers),
             rewards=self._frozen,
             state=bytes(state),
+            metrics={n: float(np.nansum(v)) for n, v in member_metrics.items()},
+            metric_members={
+                n: int(self._pop - np.count_nonzero(np.isnan(v))) for n, v in member_metrics.items()
+            },
+            member_metrics=member_metrics,
         )
         self.state = summary.state
         max_epochs = self.config.max_epochs
@@ -643,6 +671,8 @@ class Training:
         self._waited_optimizes = 0
         self._frozen = None
         self._rates = []
+        # name -> float64 value per member, NaN until recorded; made on first report.
+        self._member_metrics: dict[str, np.ndarray] = {}
 
     def _worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
@@ -668,7 +698,12 @@ class Training:
 
     def _validate_evaluations(
         self, task: Task, evaluations: Sequence[tuple[int, int, Iterable[float]]]
-    ) -> list[tuple[tuple[int, int], np.ndarray]]:
+    ) -> tuple[
+        list[tuple[tuple[int, int], np.ndarray]],
+        list[list[tuple[str, np.ndarray]] | None] | None,
+    ]:
+        """The rewards of each evaluation and, only when some evaluation carries metrics,
+        its validated metrics (a list aligned with the rewards)."""
         if len(evaluations) != len(task.slices):
             raise InvalidArgument(
                 f"expected {len(task.slices)} evaluations (one per assigned slice), "
@@ -677,7 +712,10 @@ class Training:
         assigned = set(task.slices)
         seen: set[tuple[int, int]] = set()
         arrays = []
-        for start, end, rewards in evaluations:
+        metrics: list[list[tuple[str, np.ndarray]] | None] | None = None
+        new_names: dict[str, None] = {}
+        for index, item in enumerate(evaluations):
+            start, end, rewards = item[0], item[1], item[2]
             key = (int(start), int(end))
             if key not in assigned:
                 raise InvalidArgument(f"slice [{start}, {end}) was not assigned in this task")
@@ -694,7 +732,70 @@ class Training:
             if not np.isfinite(arr).all():
                 raise InvalidArgument(f"slice [{start}, {end}) has a NaN or infinite reward")
             arrays.append((key, arr))
-        return arrays
+            if len(item) > 3 and item[3]:
+                if metrics is None:
+                    metrics = [None] * len(evaluations)
+                metrics[index] = self._validate_metrics(key, item[3], new_names)
+        if new_names:
+            # Only now that the whole request is valid: a rejected one changes nothing.
+            self._metric_names.update(new_names)
+        return arrays, metrics
+
+    def _validate_metrics(
+        self,
+        key: tuple[int, int],
+        metrics: Iterable[tuple[str, Iterable[float]]],
+        new_names: dict[str, None],
+    ) -> list[tuple[str, np.ndarray]]:
+        start, end = key
+        width = end - start
+        out: list[tuple[str, np.ndarray]] = []
+        names: set[str] = set()
+        for name, values in metrics:
+            error = metric_name_error(name)
+            if error is not None:
+                raise InvalidArgument(f"slice [{start}, {end}): {error}")
+            if name in names:
+                raise InvalidArgument(f"slice [{start}, {end}) has metric {name!r} twice")
+            names.add(name)
+            if name not in self._metric_names and name not in new_names:
+                if len(self._metric_names) + len(new_names) >= MAX_METRICS:
+                    raise InvalidArgument(
+                        f"metric {name!r} would be this training's metric number "
+                        f"{MAX_METRICS + 1}; at most {MAX_METRICS} names are accepted "
+                        f"(already: {', '.join(self._metric_names)})"
+                    )
+                new_names[name] = None
+            arr = np.asarray(values, dtype=np.float64)
+            if arr.ndim != 1 or arr.shape[0] != width:
+                raise InvalidArgument(
+                    f"slice [{start}, {end}) needs {width} values of metric {name!r}, "
+                    f"got {arr.size}"
+                )
+            if not np.isfinite(arr).all():
+                raise InvalidArgument(
+                    f"slice [{start}, {end}) has a NaN or infinite value of metric {name!r}"
+                )
+            out.append((name, arr))
+        return out
+
+    def _record_metrics(
+        self,
+        s: int,
+        e: int,
+        metrics: list[tuple[str, np.ndarray]],
+        fresh: np.ndarray | None,
+    ) -> None:
+        """Writes the metrics of members [s, e) (only the ``fresh`` ones when given)."""
+        table = self._member_metrics
+        for name, arr in metrics:
+            values = table.get(name)
+            if values is None:
+                values = table[name] = np.full(self._pop, np.nan)
+            if fresh is None:
+                values[s:e] = arr
+            else:
+                values[s:e][fresh] = arr[fresh]
 
     def _new_task(self, w: WorkerInfo, kind: str, now: float, epoch: int, **kw: object) -> Task:
         task = Task(
@@ -920,6 +1021,8 @@ class Training:
             self.stage = Stage.OPTIMIZE
             self._frozen = self.rewards.copy()
             self._frozen.setflags(write=False)
+            for values in self._member_metrics.values():
+                values.setflags(write=False)  # handed out in the EpochSummary
             self._history[self.epoch] = self._frozen
             self._history.pop(self.epoch - REWARD_HISTORY, None)
         if self.stage is Stage.OPTIMIZE and self._waited_optimizes == 0:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from types import TracebackType
 
-from evochi.server.config import ServerConfig
+from evochi.server.config import INT32_MAX, ServerConfig
 from evochi.server.core import TrainingSnapshot
 from evochi.server.grpcio import GrpcioTransport
 from evochi.server.http2 import Http2Transport
@@ -27,6 +27,14 @@ class EmbeddedServer:
     ``on_epoch`` (sync or async) is called once per completed epoch, in order, with an
     :class:`EpochSummary` (its ``rewards`` array is read-only); its exceptions are logged
     and never stop the server.
+
+    ``initial_state`` and ``start_epoch`` resume a training: the server starts at epoch
+    ``start_epoch`` (default 1) from ``initial_state`` (the state bytes as the workers'
+    codec wrote them, e.g. ``EpochSummary.state`` of epoch ``start_epoch - 1``). No
+    initialize task is issued: the first worker receives that state in hello, and epochs
+    are numbered on from ``start_epoch``. With ``max_epochs`` below ``start_epoch`` the
+    training counts as finished. A checkpoint in ``config.state_dir``, when there is one,
+    wins over ``initial_state``: a restarted server continues where it was.
     """
 
     def __init__(
@@ -37,8 +45,28 @@ class EmbeddedServer:
         on_epoch: EpochCallback | None = None,
         *,
         metrics: ServerMetrics | None = None,
+        initial_state: bytes | None = None,
+        start_epoch: int = 1,
     ) -> None:
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int):
+            raise TypeError(f"start_epoch must be an int, got {start_epoch!r}")
+        if not 1 <= start_epoch <= INT32_MAX:
+            raise ValueError(f"start_epoch must be between 1 and {INT32_MAX}, got {start_epoch}")
+        if initial_state is None:
+            if start_epoch != 1:
+                raise ValueError(
+                    f"start_epoch={start_epoch} needs the initial_state that epoch starts from"
+                )
+        elif not isinstance(initial_state, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"initial_state must be bytes (the encoded state), got "
+                f"{type(initial_state).__name__}"
+            )
+        elif len(initial_state) == 0:
+            raise ValueError("initial_state must not be empty")
         self.config = config
+        self.initial_state = None if initial_state is None else bytes(initial_state)
+        self.start_epoch = start_epoch
         self.host = host
         self._requested_port = port
         self.on_epoch = on_epoch
@@ -92,6 +120,13 @@ class EmbeddedServer:
                 log.info("continuing the training in %s at epoch %d", store.path,
                          checkpoint.epoch)  # fmt: skip
             writer = CheckpointWriter(store)
+        if snapshot is None and self.initial_state is not None:
+            snapshot = TrainingSnapshot(epoch=self.start_epoch, state=self.initial_state)
+            log.info("starting the training at epoch %d from the given state (%d bytes)",
+                     self.start_epoch, len(self.initial_state))  # fmt: skip
+        elif snapshot is not None and self.initial_state is not None:
+            log.warning("the checkpoint in %s wins over the given initial state",
+                        config.state_dir)  # fmt: skip
         service = EvochiService(
             config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
         )

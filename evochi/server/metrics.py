@@ -59,6 +59,22 @@ class ServerMetrics:
             "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
         )
         self._leave_reasons: set[str] = set()
+        # Per-member metrics (protocol extension); at most evochi.v1.metrics.MAX_METRICS
+        # names per training, so the label sets stay small. The sum is a gauge because
+        # values may be negative (e.g. behaviour descriptors); for env steps it only grows.
+        self.member_metric_sum = Gauge(
+            "evochi_member_metric_sum",
+            "Sum over all completed epochs of a per-member metric, over the members that "
+            "reported it.",
+            ["name"],
+            registry=r,
+        )
+        self.member_metric_members = Counter(
+            "evochi_member_metric_members",
+            "Members that reported a per-member metric, over all completed epochs.",
+            ["name"],
+            registry=r,
+        )
 
     def leave(self, reason: str) -> None:
         # Reasons carry details ("evaluate task deadline missed"); keep the label set small.

@@ -104,6 +104,11 @@ def parse_bearer(value: str | None) -> str | None:
 _OK = pb.HeartbeatResponse(ok=True).SerializeToString()  # every Finish*Response alike
 
 
+def _metric_pairs(metrics: Any) -> list[tuple[str, Any]]:
+    """(name, values) pairs of the ``Evaluation.metrics`` extension, for the core."""
+    return [(m.name, m.values) for m in metrics]
+
+
 class EvochiService:
     """Owns the core, the worker streams, the tick loop and the side effects of commands."""
 
@@ -246,7 +251,10 @@ class EvochiService:
     def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishEvaluationRequest, request)
-        evaluations = [(e.slice.start, e.slice.end, e.rewards) for e in req.evaluations]
+        evaluations = [
+            (e.slice.start, e.slice.end, e.rewards, e.metrics and _metric_pairs(e.metrics))
+            for e in req.evaluations
+        ]
         self._execute(
             self.core.finish_evaluation(worker_id, req.task_id, evaluations, time.monotonic())
         )
@@ -423,6 +431,9 @@ class EvochiService:
         rewards = summary.rewards
         mean = float(np.mean(rewards))
         metrics.reward_mean.set(mean)
+        for name, total in summary.metrics.items():
+            metrics.member_metric_sum.labels(name).inc(total)
+            metrics.member_metric_members.labels(name).inc(summary.metric_members[name])
         if log.isEnabledFor(logging.INFO):
             log.info("epoch=%d seconds=%.3f workers=%d reward_mean=%.6g min=%.6g max=%.6g",
                      summary.epoch, summary.seconds, summary.workers, mean,

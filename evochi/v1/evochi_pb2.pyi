@@ -35,13 +35,23 @@ class Slice(_message.Message):
     end: int
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
+class Metric(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class Evaluation(_message.Message):
-    __slots__ = ("slice", "rewards")
+    __slots__ = ("slice", "rewards", "metrics")
     SLICE_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     slice: Slice
     rewards: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, slice: _Optional[_Union[Slice, _Mapping]] = ..., rewards: _Optional[_Iterable[float]] = ...) -> None: ...
+    metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    def __init__(self, slice: _Optional[_Union[Slice, _Mapping]] = ..., rewards: _Optional[_Iterable[float]] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ...) -> None: ...
 
 class HelloEvent(_message.Message):
     __slots__ = ("id", "token", "state", "population_size", "heartbeat_interval", "max_epochs")

@@ -24,7 +24,7 @@ import math
 import random
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -43,6 +43,7 @@ from evochi.v1.errors import (
     StreamBrokenError,
     SubscriptionRejectedError,
 )
+from evochi.v1.metrics import MAX_METRICS, metric_name_error
 
 S = TypeVar("S")
 
@@ -66,23 +67,67 @@ _STALE_TASK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED
 _INLINE_ENCODE_SECONDS = 0.001
 
 
-class Eval(NamedTuple):
-    """The rewards of one evaluated slice; ``len(rewards) == slice.stop - slice.start``."""
-
+class _EvalFields(NamedTuple):
     slice: slice
     rewards: list[float]
 
+
+class Eval(_EvalFields):
+    """The rewards of one evaluated slice; ``len(rewards) == slice.stop - slice.start``.
+
+    ``metrics`` optionally maps names (e.g. ``"env_steps"``) to one value per member of
+    the slice; they travel in the ``Evaluation.metrics`` protocol extension and the server
+    sums them per epoch (``EpochSummary.metrics``). Servers that do not know the extension
+    ignore them. At most 16 names of at most 64 characters of ``[A-Za-z0-9_.:/-]``.
+
+    Still the published two-field named tuple (``slice, rewards = ev`` works); ``metrics``
+    is an attribute beside the fields.
+    """
+
+    metrics: Mapping[str, Sequence[float]] | None = None
+
+    def __new__(
+        cls,
+        slice: slice,
+        rewards: list[float],
+        metrics: Mapping[str, Sequence[float]] | None = None,
+    ) -> Eval:
+        self = super().__new__(cls, slice, rewards)
+        if metrics is not None:
+            self.metrics = metrics
+        return self
+
+    def __repr__(self) -> str:
+        base = f"Eval(slice={self.slice!r}, rewards={self.rewards!r}"
+        return base + (f", metrics={self.metrics!r})" if self.metrics is not None else ")")
+
     @staticmethod
-    def from_flat(slices: Sequence[slice], rewards: Sequence[float]) -> list[Eval]:
-        """Splits one flat reward list, in slice order, into one `Eval` per slice."""
+    def from_flat(
+        slices: Sequence[slice],
+        rewards: Sequence[float],
+        metrics: Mapping[str, Sequence[float]] | None = None,
+    ) -> list[Eval]:
+        """Splits one flat reward list, in slice order, into one `Eval` per slice.
+
+        ``metrics`` maps names to flat value lists in the same order as ``rewards``.
+        """
         widths = [s.stop - s.start for s in slices]
-        if len(rewards) != sum(widths):
-            raise ValueError(
-                f"got {len(rewards)} rewards for slices totalling {sum(widths)} members"
-            )
+        total = sum(widths)
+        if len(rewards) != total:
+            raise ValueError(f"got {len(rewards)} rewards for slices totalling {total} members")
+        flat = {}
+        for name, values in (metrics or {}).items():
+            flat[name] = np.asarray(values, dtype=np.float64)
+            if flat[name].shape != (total,):
+                raise ValueError(
+                    f"metric {name!r} has shape {flat[name].shape}; expected {total} values, "
+                    "one per member in slice order"
+                )
         evals, offset = [], 0
         for s, width in zip(slices, widths, strict=True):
-            evals.append(Eval(s, [float(r) for r in rewards[offset : offset + width]]))
+            part = {name: v[offset : offset + width].tolist() for name, v in flat.items()}
+            rs = [float(r) for r in rewards[offset : offset + width]]
+            evals.append(Eval(s, rs, part or None))
             offset += width
         return evals
 
@@ -504,6 +549,7 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
     assigned = {(s.start, s.stop) for s in slices}
     seen: set[tuple[int, int]] = set()
     non_finite: list[int] = []
+    names: set[str] = set()  # over the whole result: the server bounds names per training
     out = []
     for ev in evals:
         sl, rewards = ev[0], ev[1]
@@ -524,7 +570,11 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
             )
         if not all(map(math.isfinite, values)):  # the index scan only when one is bad
             non_finite += [sl.start + i for i, r in enumerate(values) if not math.isfinite(r)]
-        out.append(pb.Evaluation(slice=pb.Slice(start=sl.start, end=sl.stop), rewards=values))
+        message = pb.Evaluation(slice=pb.Slice(start=sl.start, end=sl.stop), rewards=values)
+        metrics = getattr(ev, "metrics", None)
+        if metrics:
+            message.metrics.extend(_to_metrics(sl, metrics, names))
+        out.append(message)
     missing = assigned - seen
     if missing:
         raise ValueError(
@@ -533,6 +583,41 @@ def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evalu
         )
     if non_finite:
         raise ValueError(f"non-finite rewards for members {sorted(non_finite)[:20]}")
+    return out
+
+
+def _to_metrics(
+    sl: slice, metrics: Mapping[str, Sequence[float]], names: set[str]
+) -> list[pb.Metric]:
+    """Checks one slice's metrics as the server will (see `evochi.v1.metrics`)."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"Eval.metrics must map names to values, got {type(metrics).__name__} "
+            f"for slice [{sl.start}, {sl.stop})"
+        )
+    width = sl.stop - sl.start
+    out = []
+    for name, values in metrics.items():
+        error = metric_name_error(name)
+        if error is not None:
+            raise ValueError(f"evaluate() returned a bad metric for slice "
+                             f"[{sl.start}, {sl.stop}): {error}")  # fmt: skip
+        names.add(name)
+        if len(names) > MAX_METRICS:
+            raise ValueError(
+                f"evaluate() returned more than {MAX_METRICS} metric names: "
+                f"{', '.join(sorted(names))}"
+            )
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.shape != (width,):
+            raise ValueError(
+                f"evaluate() returned {arr.size} values of metric {name!r} for slice "
+                f"[{sl.start}, {sl.stop}) of {width} members"
+            )
+        if not np.isfinite(arr).all():
+            bad = (np.flatnonzero(~np.isfinite(arr)) + sl.start).tolist()
+            raise ValueError(f"non-finite values of metric {name!r} for members {bad[:20]}")
+        out.append(pb.Metric(name=name, values=arr.tolist()))
     return out
 
 

@@ -127,3 +127,60 @@ def test_channel_options_raise_message_limits() -> None:
     assert options["grpc.max_send_message_length"] >= 1 << 30
     with pytest.raises(ValueError):
         evochi.channel_options(0)
+
+
+# ---------------------------------------------------------------------- per-member metrics
+
+
+def test_eval_keeps_the_published_two_field_tuple_and_carries_metrics() -> None:
+    plain = evochi.Eval(slice(0, 2), [1.0, 2.0])
+    sl, rewards = plain  # the published NamedTuple unpacks into two fields
+    assert (sl, rewards, len(plain), plain.metrics) == (slice(0, 2), [1.0, 2.0], 2, None)
+    rich = evochi.Eval(slice(0, 2), [1.0, 2.0], {"env_steps": [5, 7]})
+    assert rich.slice == slice(0, 2) and rich.rewards == [1.0, 2.0]
+    assert rich.metrics == {"env_steps": [5, 7]}
+    assert "metrics={'env_steps': [5, 7]}" in repr(rich) and "metrics" not in repr(plain)
+    assert pickle.loads(pickle.dumps(rich)).metrics == {"env_steps": [5, 7]}
+
+
+def test_from_flat_splits_metrics_like_rewards() -> None:
+    evals = evochi.Eval.from_flat(
+        [slice(5, 7), slice(0, 3)], [1, 2, 3, 4, 5], {"env_steps": np.array([10, 20, 30, 40, 50])}
+    )
+    assert [e.metrics for e in evals] == [
+        {"env_steps": [10.0, 20.0]},
+        {"env_steps": [30.0, 40.0, 50.0]},
+    ]
+    assert [e.metrics for e in evochi.Eval.from_flat([slice(0, 1)], [1.0])] == [None]
+    with pytest.raises(ValueError, match="metric 'env_steps' has shape"):
+        evochi.Eval.from_flat([slice(0, 2)], [1, 2], {"env_steps": [1, 2, 3]})
+
+
+def test_metrics_go_on_the_wire_as_the_evaluation_extension() -> None:
+    evals = [evochi.Eval(slice(0, 2), [1.0, 2.0], {"env_steps": [3, 4], "bd/x": [0.5, -1]})]
+    (message,) = _to_evaluations([slice(0, 2)], evals)
+    assert [(m.name, list(m.values)) for m in message.metrics] == [
+        ("env_steps", [3.0, 4.0]),
+        ("bd/x", [0.5, -1.0]),
+    ]
+    (plain,) = _to_evaluations([slice(0, 2)], [evochi.Eval(slice(0, 2), [1.0, 2.0])])
+    assert len(plain.metrics) == 0
+
+
+@pytest.mark.parametrize(
+    ("metrics", "error", "match"),
+    [
+        ({"env_steps": [1.0]}, ValueError, "1 values of metric 'env_steps' for slice"),
+        ({"env_steps": [1.0, float("nan")]}, ValueError, r"non-finite values .* members \[4\]"),
+        ({"": [1.0, 2.0]}, ValueError, "1 to 64 characters"),
+        ({"a b": [1.0, 2.0]}, ValueError, "must start with a letter"),
+        ({3: [1.0, 2.0]}, ValueError, "must be strings"),
+        ({f"m{i}": [1.0, 2.0] for i in range(17)}, ValueError, "more than 16 metric names"),
+        ([("env_steps", [1.0, 2.0])], TypeError, "must map names to values"),
+    ],
+)
+def test_bad_metrics_are_refused_where_they_are_produced(
+    metrics: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        _to_evaluations([slice(3, 5)], [evochi.Eval(slice(3, 5), [1.0, 2.0], metrics)])
