@@ -325,9 +325,8 @@ def _train(args: argparse.Namespace, cls: type, config: ESConfig, placed: list[s
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.quiet:
-        print(f"trained epochs={result.last['epoch']} seconds={result.last['seconds']:.1f} "
-              f"run_dir={result.run_dir}")  # fmt: skip
+    print(f"trained epochs={result.last['epoch']} seconds={result.last['seconds']:.1f} "
+          f"run_dir={result.run_dir}")  # fmt: skip
     return 1 if result.crashed and not args.restart else 0
 
 

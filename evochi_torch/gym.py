@@ -416,7 +416,9 @@ class GymWorker(TorchESWorker):
             self._envs, self._stats_envs, self._spaces = [], [], None
         super().on_state_change(state)
 
-    def score(self, policy: PopulationPolicy, epoch: int, members: torch.Tensor) -> np.ndarray:
+    def score(
+        self, policy: PopulationPolicy, epoch: int, members: torch.Tensor
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = self.env_settings
         if s.pair_starts:
             seeds = pair_seeds(self.config.seed, self.state.epoch, members.numpy())
@@ -434,7 +436,9 @@ class GymWorker(TorchESWorker):
                 reward_shift=s.reward_shift,
             )
         self.last_lengths = result.lengths
-        return result.returns
+        # The episode lengths travel with the rewards (per-member metrics): the trainer
+        # counts exact env steps, also of members scored on other machines.
+        return result.returns, {"env_steps": result.lengths}
 
     def optimize(self, epoch: int, rewards: list[float]) -> TorchESState:
         shaped = self.shape_rewards(np.asarray(rewards, dtype=np.float64))

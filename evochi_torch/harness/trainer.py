@@ -176,16 +176,19 @@ def attach_state(worker: Any, state: TorchESState) -> None:
     worker.on_state_change(state)
 
 
-def _summary_env_steps(summary: Any, population: int) -> tuple[int, bool] | None:
-    """Exact env steps of the epoch from the workers' per-member metrics, when they sent
-    them: (steps, exact) where `exact` says that every member reported."""
-    metrics = getattr(summary, "metrics", None)
-    if not metrics or "env_steps" not in metrics:
-        return None
-    entry = metrics["env_steps"]
-    total = getattr(entry, "sum", entry)
-    count = getattr(entry, "count", population)
-    return int(total), int(count) >= population
+def _summary_env_steps(summary: Any, member_bound: float | None) -> tuple[int, bool] | None:
+    """The epoch's env steps from the workers' per-member "env_steps" metrics: (steps,
+    exact). Members whose worker did not report (an old client) count `member_bound` each:
+    an upper bound. None when nobody reported and there is no bound."""
+    metrics = getattr(summary, "metrics", None) or {}
+    population = len(summary.rewards)
+    reported = int(getattr(summary, "metric_members", {}).get("env_steps", 0)) if metrics else 0
+    if not reported:
+        return None if member_bound is None else (round(population * member_bound), False)
+    missing = population - reported
+    if missing and member_bound is None:
+        return round(metrics["env_steps"] * population / reported), False
+    return round(metrics["env_steps"] + missing * (member_bound or 0)), missing == 0
 
 
 class Trainer:
@@ -327,9 +330,9 @@ class Trainer:
             latest.clear()
             latest[summary.epoch] = state
             rewards = np.asarray(summary.rewards, dtype=np.float64)
-            exact_steps = _summary_env_steps(summary, config.population_size)
-            if exact_steps is None and bound is not None:
-                exact_steps = (int(bound()), False)
+            exact_steps = _summary_env_steps(
+                summary, None if bound is None else bound() / config.population_size
+            )
             epoch_steps = None
             env_steps = None
             if exact_steps is not None:

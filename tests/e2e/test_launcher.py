@@ -45,9 +45,11 @@ def test_help_explains_every_flag() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_train_runs_an_embedded_server_and_local_workers() -> None:
+def test_train_runs_an_embedded_server_and_local_workers(tmp_path) -> None:
+    run_dir = ["--run-dir", str(tmp_path / "run")]
     out = subprocess.run(
-        launcher("train", "toy_workers:ToyRegression", "--workers", "2", "--max-epochs", "3"),
+        launcher("train", "toy_workers:ToyRegression", "--workers", "2", "--max-epochs", "3",
+                 *run_dir),
         capture_output=True, text=True, env=ENV, timeout=100,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
