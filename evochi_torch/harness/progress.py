@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["format_duration", "plot_curve", "progress_line"]
+
+log = logging.getLogger("evochi_torch.harness")
+_warned = False
 
 
 def format_duration(seconds: float) -> str:
@@ -39,8 +43,14 @@ def progress_line(row: Mapping[str, Any], done: float | None = None) -> str:
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     """Center score (when evaluated) and population mean against env steps (or epochs)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        global _warned
+        if not _warned:
+            _warned = True
+            log.warning("no curve.png: matplotlib is not installed (pip install matplotlib)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
