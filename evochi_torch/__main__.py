@@ -104,7 +104,9 @@ def _common_worker_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="restart worker processes that crash (they rejoin the training)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level. Default: INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level. Default: WARNING for train, INFO else"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
