@@ -225,6 +225,15 @@ class Trainer:
             value = getattr(self.run, key)
             if value is not None and value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
+        if (
+            self.resumed is not None
+            and self.run.max_epochs is not None
+            and self.resumed.epoch >= self.run.max_epochs
+        ):
+            raise ValueError(
+                f"{self.run.resume} is already trained to epoch {self.resumed.epoch}: "
+                f"give a larger max_epochs than {self.run.max_epochs} to continue"
+            )
         if self.run.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
 
@@ -317,11 +326,19 @@ class Trainer:
         best = {"score": max((r["center_score"] for r in rows if r["center_score"] is not None),
                              default=None)}  # fmt: skip
         latest: dict[int, TorchESState] = {}
-        outcome = {"done": False, "by": "interrupted"}
+        outcome: dict[str, Any] = {"done": False, "by": "interrupted"}
 
         def on_epoch(summary: Any) -> bool:
             if outcome["done"]:
                 return True  # an epoch that finished while the stop was on its way
+            try:
+                return record_epoch(summary)
+            except Exception as exc:
+                # The server would log and go on; a training whose records fail must stop.
+                outcome.update(done=True, by="error", error=exc)
+                return True
+
+        def record_epoch(summary: Any) -> bool:
             now = time.perf_counter()
             if not clock["started"]:
                 # Training time starts with the first epoch: process start-up is not training.
@@ -400,6 +417,11 @@ class Trainer:
                 if latest:  # keep what was trained (Ctrl-C, all workers dead)
                     save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
                 raise
+        if "error" in outcome:
+            if latest:
+                save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
+            error = outcome["error"]
+            raise RuntimeError(f"recording an epoch failed: {error!r}") from error
         if not latest:
             if self.resumed is None or not rows:
                 raise RuntimeError("the training ended before its first epoch")

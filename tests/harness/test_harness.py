@@ -197,6 +197,18 @@ def test_export_turns_a_server_state_dir_into_a_policy_file(tmp_path, capsys) ->
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(180)
+def test_failing_evaluation_stops_the_training_with_its_error(tmp_path) -> None:
+    trainer = Trainer(f"{USER}:BrokenEvaluation", run=RunConfig(
+        max_epochs=50, run_dir=tmp_path / "run", workers=1, quiet=True))  # fmt: skip
+    with pytest.raises(RuntimeError, match="broken evaluation"):
+        trainer.fit()
+    # What was trained is kept, and the resume guard names the run's epoch.
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").epoch == 1
+    with pytest.raises(ValueError, match="already trained to epoch 1"):
+        Trainer(f"{USER}:CartPole", run=RunConfig(max_epochs=1, resume=tmp_path / "run"))
+
+
 def test_bad_input_gets_clear_errors(tmp_path, capsys) -> None:
     assert main(["train", f"{USER}:CartPole", "--resume", str(tmp_path), "--sigma", "0.1"]) == 2
     assert "keeps its checkpoint's ES config" in capsys.readouterr().err

@@ -50,3 +50,8 @@ class SmallCartPole(GymWorker):
 
     settings = GymSettings("CartPole-v1", hidden=(8,), episode_steps=120, eval_episodes=3)
     default_config = ESConfig(population_size=12, sigma=0.1, learning_rate=0.05, seed=2)
+
+
+class BrokenEvaluation(CartPole):
+    def evaluate_center(self, policy: nn.Module) -> float:
+        raise ValueError("broken evaluation")
