@@ -120,3 +120,84 @@ def test_known_bytes_of_the_metrics_extension() -> None:
     assert msg.SerializeToString() == bytes.fromhex(
         "0a02100112040000803f1a0d0a016e12080000000000000040"
     )
+
+
+# The last commit whose generated code predates the metrics extension: the schema of the
+# published client and of the reference Go server.
+PRE_EXTENSION_COMMIT = "9ca776b7c8f768ab56552bfd80745fd604dcb840"
+
+
+def _pre_extension_messages() -> dict[str, type]:
+    """The message classes of the pre-extension generated code, from git history, in a
+    descriptor pool of their own (the current ones live in the default pool)."""
+    import ast
+    import re
+    import shutil
+
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    show = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{PRE_EXTENSION_COMMIT}:evochi/v1/evochi_pb2.py"],
+        capture_output=True,
+        text=True,
+    )
+    if show.returncode != 0:
+        pytest.skip(f"no git history here: {show.stderr.strip()}")
+    match = re.search(r"AddSerializedFile\((b'.*?')\)\n", show.stdout)
+    assert match is not None, "the old generated code has no serialized descriptor"
+    pool = descriptor_pool.DescriptorPool()
+    timestamp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
+    pool.Add(timestamp)
+    pool.AddSerializedFile(ast.literal_eval(match.group(1)))
+    names = ("Evaluation", "FinishEvaluationRequest")
+    return {
+        n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"evochi.v1.{n}"))
+        for n in names
+    }
+
+
+def test_old_generated_code_parses_metrics_and_skips_them() -> None:
+    """What the published client and the Go server (same .proto, proto3 unknown-field
+    rules) do with a result carrying the extension: every published field intact, the
+    metrics skipped as an unknown field."""
+    from evochi.v1 import evochi_pb2 as pb
+
+    old = _pre_extension_messages()
+    assert "metrics" not in old["Evaluation"].DESCRIPTOR.fields_by_name
+    evaluations = [
+        pb.Evaluation(
+            slice=pb.Slice(start=s, end=s + 2),
+            rewards=[1.5, -2.0],
+            metrics=[
+                pb.Metric(name="env_steps", values=[10, 20]),
+                pb.Metric(name="bd", values=[1, 2]),
+            ],
+        )
+        for s in (0, 4)
+    ]
+    new = pb.FinishEvaluationRequest(task_id="t-1", evaluations=evaluations)
+    parsed = old["FinishEvaluationRequest"].FromString(new.SerializeToString())
+    assert parsed.task_id == "t-1"
+    assert [(e.slice.start, e.slice.end, list(e.rewards)) for e in parsed.evaluations] == [
+        (0, 2, [1.5, -2.0]),
+        (4, 6, [1.5, -2.0]),
+    ]
+    parsed.DiscardUnknownFields()
+    for e in new.evaluations:
+        del e.metrics[:]
+    assert parsed.SerializeToString() == new.SerializeToString()
+
+
+def test_new_code_reads_old_results_as_reporting_no_metrics() -> None:
+    from evochi.v1 import evochi_pb2 as pb
+
+    old = _pre_extension_messages()
+    request = old["FinishEvaluationRequest"](
+        task_id="t", evaluations=[old["Evaluation"](rewards=[1.0, 2.0])]
+    )
+    parsed = pb.FinishEvaluationRequest.FromString(request.SerializeToString())
+    assert list(parsed.evaluations[0].rewards) == [1.0, 2.0]
+    assert len(parsed.evaluations[0].metrics) == 0

@@ -54,6 +54,11 @@ class ServerConfig:
     jwt_secret: str | None = None
     # Directory for the checkpoint (epoch + start state + configuration); None = memory only.
     state_dir: str | None = None
+    # Resume: start at epoch ``start_epoch`` from the encoded state in this file (no
+    # initialize task). A checkpoint in ``state_dir`` wins. EmbeddedServer also takes the
+    # state as bytes (``initial_state=``).
+    initial_state_file: str | None = None
+    start_epoch: int = 1
     tls_cert: str | None = None
     tls_key: str | None = None
     # gRPC message limit in both directions; states of real policies exceed gRPC's 4 MiB.
@@ -80,6 +85,12 @@ class ServerConfig:
         check_int("max_slices_per_eval", 0)
         check_int("port", 0, 65535)
         check_int("max_message_bytes", 1024, INT32_MAX)
+        check_int("start_epoch", 1)
+        if self.start_epoch != 1 and not self.initial_state_file:
+            raise ConfigError(
+                f"start_epoch {self.start_epoch} needs the state that epoch starts from: "
+                "initial_state_file (--initial-state FILE)"
+            )
         if self.metrics_port is not None:
             check_int("metrics_port", 0, 65535)
         for name in ("worker_timeout", "straggler_factor", "straggler_min_seconds"):
@@ -188,6 +199,8 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "jwt_secret": ("EVOCHI_JWT_SECRET", lambda v, _n: v),
     "metrics_port": ("EVOCHI_METRICS_PORT", _int),
     "state_dir": ("EVOCHI_STATE_DIR", lambda v, _n: v),
+    "initial_state_file": ("EVOCHI_INITIAL_STATE", lambda v, _n: v),
+    "start_epoch": ("EVOCHI_START_EPOCH", _int),
     "join_token": ("EVOCHI_JOIN_TOKEN", lambda v, _n: v),
     "tls_cert": ("EVOCHI_TLS_CERT", lambda v, _n: v),
     "tls_key": ("EVOCHI_TLS_KEY", lambda v, _n: v),
@@ -289,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
             "keep the training (epoch, start state, configuration) in DIR, written "
             "atomically after every epoch; a restarted server continues from it (default off) "
             f"[{_env('state_dir')}]"
+        ),
+    )
+    add(
+        "--initial-state",
+        dest="initial_state_file",
+        metavar="FILE",
+        help=(
+            "resume a training: FILE holds the encoded state (as the workers' codec wrote "
+            "it, e.g. an epoch's state) that --start-epoch starts from; no initialize task "
+            "is issued, the first worker receives it in hello. A checkpoint in --state-dir "
+            f"wins over it (default off) [{_env('initial_state_file')}]"
+        ),
+    )
+    add(
+        "--start-epoch",
+        type=int,
+        metavar="N",
+        help=(
+            "the epoch --initial-state starts (epochs are numbered on from it; default 1) "
+            f"[{_env('start_epoch')}]"
         ),
     )
     add(

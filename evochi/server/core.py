@@ -464,6 +464,9 @@ class Training:
             if t.kind == OPTIMIZE and t.waited and t.epoch == self.epoch
         )
         assert waited == self._waited_optimizes, (waited, self._waited_optimizes)
+        for name, values in self._member_metrics.items():
+            # A metric value is only ever recorded together with its member's reward.
+            assert not (~np.isnan(values) & ~self.recorded).any(), f"stray {name!r} value"
 
     # ------------------------------------------------------------------ events in
 

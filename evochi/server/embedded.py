@@ -35,6 +35,8 @@ class EmbeddedServer:
     are numbered on from ``start_epoch``. With ``max_epochs`` below ``start_epoch`` the
     training counts as finished. A checkpoint in ``config.state_dir``, when there is one,
     wins over ``initial_state``: a restarted server continues where it was.
+    ``config.initial_state_file``/``config.start_epoch`` (``evochi-server --initial-state
+    FILE --start-epoch N``) do the same from a file.
     """
 
     def __init__(
@@ -64,6 +66,11 @@ class EmbeddedServer:
             )
         elif len(initial_state) == 0:
             raise ValueError("initial_state must not be empty")
+        if config.initial_state_file and (initial_state is not None or start_epoch != 1):
+            raise ValueError(
+                "give the resume state either as initial_state/start_epoch or as "
+                "config.initial_state_file/start_epoch, not both"
+            )
         self.config = config
         self.initial_state = None if initial_state is None else bytes(initial_state)
         self.start_epoch = start_epoch
@@ -120,6 +127,9 @@ class EmbeddedServer:
                 log.info("continuing the training in %s at epoch %d", store.path,
                          checkpoint.epoch)  # fmt: skip
             writer = CheckpointWriter(store)
+        if snapshot is None and self.initial_state is None and config.initial_state_file:
+            self.initial_state = _read_state_file(config.initial_state_file)
+            self.start_epoch = config.start_epoch
         if snapshot is None and self.initial_state is not None:
             snapshot = TrainingSnapshot(epoch=self.start_epoch, state=self.initial_state)
             log.info("starting the training at epoch %d from the given state (%d bytes)",
@@ -176,3 +186,13 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _read_state_file(path: str) -> bytes:
+    try:
+        state = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read the initial state {path}: {err}") from err
+    if not state:
+        raise CheckpointError(f"the initial state file {path} is empty")
+    return state

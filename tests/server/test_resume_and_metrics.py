@@ -12,9 +12,19 @@ import pytest
 
 import evochi.v1 as evochi
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
+from evochi.server.config import ConfigError, explicit_settings, resolve_config
+from evochi.server.store import CheckpointError
 from evochi.v1 import evochi_pb2 as pb
 from evochi.v1.metrics import MAX_METRICS
-from tests.server.helpers import StubWorker, expect_error, run
+from tests.server.helpers import (
+    StubWorker,
+    cli,
+    expect_error,
+    free_port,
+    play,
+    run,
+    wait_for_port,
+)
 from tests.server.workers import History, HistoryWorker, expected, make, reward
 
 
@@ -175,15 +185,71 @@ def test_bad_resume_arguments_are_refused_clearly(
         EmbeddedServer(ServerConfig(population_size=4), **kwargs)  # type: ignore[arg-type]
 
 
+def test_the_standalone_server_resumes_from_a_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "epoch-6.state"
+    state.write_bytes(b"the state epoch 7 starts from")
+    port = free_port()
+    proc = cli(
+        "--host=127.0.0.1", f"--port={port}", "--population-size=5", "--max-epochs=8",
+        f"--initial-state={state}", "--start-epoch=7", "--worker-timeout=10s",
+    )  # fmt: skip
+    try:
+        wait_for_port(port, proc)
+
+        async def worker() -> list[pb.SubscribeResponse]:
+            w = StubWorker(f"127.0.0.1:{port}", cores=5)
+            hello = await w.subscribe()
+            assert hello.state == state.read_bytes()
+            events = await play(w)
+            await w.close()
+            return events
+
+        events = run(worker())
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    kinds = [e.type for e in events]
+    assert pb.EVENT_TYPE_INITIALIZE not in kinds
+    assert [e.evaluate.epoch for e in events if e.type == pb.EVENT_TYPE_EVALUATE] == [7, 8]
+    assert "starting the training at epoch 7" in out and "training finished after epoch 8" in out
+
+
+def test_resume_settings_come_from_flags_or_environment_and_are_checked(tmp_path: Path) -> None:
+    settings = explicit_settings(
+        ["--population-size=3"],
+        {"EVOCHI_INITIAL_STATE": str(tmp_path / "s"), "EVOCHI_START_EPOCH": "4"},
+    )
+    config = resolve_config(settings)
+    assert (config.initial_state_file, config.start_epoch) == (str(tmp_path / "s"), 4)
+    with pytest.raises(ConfigError, match="start_epoch 4 needs the state"):
+        resolve_config(explicit_settings(["--population-size=3", "--start-epoch=4"], {}))
+    with pytest.raises(ConfigError, match="start_epoch must be between 1"):
+        ServerConfig(population_size=3, initial_state_file="f", start_epoch=0)
+    with pytest.raises(ValueError, match="not both"):
+        EmbeddedServer(config, initial_state=b"s", start_epoch=4)
+
+    async def missing() -> None:
+        async with EmbeddedServer(config):
+            pass
+
+    with pytest.raises(CheckpointError, match="cannot read the initial state"):
+        run(missing())
+    (tmp_path / "s").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty"):
+        run(missing())
+
+
 # ---------------------------------------------------------------------- metrics
 
 
-def test_metrics_of_every_member_are_summed_per_epoch_and_exact() -> None:
+@pytest.mark.parametrize("transport", ["http2", "grpcio"])
+def test_metrics_of_every_member_are_summed_per_epoch_and_exact(transport: str) -> None:
     population, epochs = 20, 3
 
     async def scenario() -> None:
         summaries: list[EpochSummary] = []
-        config = ServerConfig(population_size=population, max_epochs=epochs)
+        config = ServerConfig(population_size=population, max_epochs=epochs, transport=transport)
         async with EmbeddedServer(config, on_epoch=summaries.append) as server:
             workers = [StepsWorker(server.address, c) for c in (3, 7, 5)]
             for w in workers:
