@@ -1,7 +1,7 @@
 """CartPole-v1 with distributed Evolution Strategies, in one command.
 
     python -m examples.cartpole                         # embedded server + 2 worker processes
-    python -m examples.cartpole --es.seed 1 --run.workers 4 --run.logger tensorboard
+    python -m examples.cartpole --es.seed 1 --run.workers 4 --run.loggers tensorboard
     evochi-torch play examples.cartpole:CartPole runs/cartpole-s0 --gif out.gif
     evochi-torch worker examples.cartpole:CartPole --server HOST:PORT   # join a remote run
 
