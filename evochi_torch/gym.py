@@ -72,7 +72,8 @@ class GymSettings:
     pair_starts: bool = True
     """each antithetic pair starts from its own state; False: one start state per epoch"""
     vectorized: bool = False
-    """step one `gym.make_vec` (sync) env per task instead of per-member envs: every
+    """one `gym.make_vec` env (the env's own vector implementation when it has one) for a
+    task's members and for the evaluation episodes, instead of one env per member: every
     sub-env steps until the last member ends (finished ones are masked)"""
     eval_episodes: int = 5
     """center-policy episodes per evaluation (fixed start states)"""
@@ -233,6 +234,7 @@ class GymWorker(TorchESWorker):
         self._envs: list[gym.Env] = []
         self._stats_envs: list[gym.Env] = []
         self._spaces: tuple[gym.Space, gym.Space] | None = None
+        self._vector_envs: dict[int, gym.vector.VectorEnv] = {}
         #: env steps of the members of the last `score` call (their episode lengths)
         self.last_lengths: np.ndarray = np.zeros(0, dtype=np.int64)
 
@@ -366,29 +368,39 @@ class GymWorker(TorchESWorker):
                 break
         return Rollouts(returns, lengths, observations)
 
-    def vector_rollout(self, act: Actor, seeds: np.ndarray, stats: ObsStats | None) -> Rollouts:
-        """`rollout` on one synchronous vector env: all members step until the last ends."""
+    def make_vector_env(self, n: int) -> gym.vector.VectorEnv:
+        """`n` copies of the env as one vector env (`vectorized=True`). The default steps
+        them one by one ("sync"); an env's own vector implementation ("vector_entry_point")
+        is faster, and then needs a `reset_vector` that pins each episode's start."""
+        return gym.make_vec(self.env_settings.env_id, num_envs=n, vectorization_mode="sync")
+
+    def reset_vector(self, envs: gym.vector.VectorEnv, seeds: np.ndarray) -> np.ndarray:
+        """Starts episode b from `seeds[b]`; returns the observations."""
+        return envs.reset(seed=[int(s) for s in seeds])[0]
+
+    def vector_rollout(
+        self, act: Actor, seeds: np.ndarray, stats: ObsStats | None, *, reward_shift: float = 0.0
+    ) -> Rollouts:
+        """`rollout` on one vector env: all members step until the last one ends."""
         n = len(seeds)
         normalize = stats.normalize if stats is not None else _as_float32
-        envs = gym.make_vec(self.env_settings.env_id, num_envs=n, vectorization_mode="sync")
-        try:
-            obs, _ = envs.reset(seed=[int(s) for s in seeds])
-            obs = obs.reshape(n, -1)
-            returns = np.zeros(n)
-            lengths = np.zeros(n, dtype=np.int64)
-            alive = np.ones(n, dtype=bool)
-            rows = np.arange(n)
-            for _ in range(self.episode_steps):
-                actions = self.to_actions(act(rows, normalize(obs)))
-                obs, reward, terminated, truncated, _ = envs.step(actions)
-                obs = obs.reshape(n, -1)
-                returns += (reward - self.env_settings.reward_shift) * alive
-                lengths += alive
-                alive &= ~(terminated | truncated)
-                if not alive.any():
-                    break
-        finally:
-            envs.close()
+        envs = self._vector_envs.get(n)
+        if envs is None:
+            envs = self._vector_envs[n] = self.make_vector_env(n)
+        obs = np.asarray(self.reset_vector(envs, seeds)).reshape(n, -1)
+        returns = np.zeros(n)
+        lengths = np.zeros(n, dtype=np.int64)
+        alive = np.ones(n, dtype=bool)
+        rows = np.arange(n)
+        for _ in range(self.episode_steps):
+            actions = self.to_actions(act(rows, normalize(obs)))
+            obs, reward, terminated, truncated, _ = envs.step(actions)
+            obs = np.asarray(obs).reshape(n, -1)
+            returns += (reward - reward_shift) * alive
+            lengths += alive
+            alive &= ~(terminated | truncated)
+            if not alive.any():
+                break
         return Rollouts(returns, lengths)
 
     # ------------------------------------------------------------------ worker hooks
@@ -414,6 +426,7 @@ class GymWorker(TorchESWorker):
             self.env_settings = shared
             self._module = None
             self._envs, self._stats_envs, self._spaces = [], [], None
+            self._vector_envs = {}
         super().on_state_change(state)
 
     def score(
@@ -426,7 +439,7 @@ class GymWorker(TorchESWorker):
             seeds = np.full(len(members), train_seed(self.config.seed, self.state.epoch))
         actor = PopulationActor(policy)
         if s.vectorized:
-            result = self.vector_rollout(actor, seeds, self.obs_stats)
+            result = self.vector_rollout(actor, seeds, self.obs_stats, reward_shift=s.reward_shift)
         else:
             result = self.rollout(
                 self.envs(len(members)),
@@ -471,8 +484,11 @@ class GymWorker(TorchESWorker):
         """The policy's true returns (no reward shift) on the fixed evaluation starts.
 
         One episode at a time: a batched forward rounds differently for other batch sizes,
-        and chaotic dynamics (MuJoCo) would turn that into different returns.
+        and chaotic dynamics (MuJoCo) would turn that into different returns. With
+        `vectorized`, all episodes at once (the same ones whatever the caller).
         """
+        if self.env_settings.vectorized:
+            return self.vector_rollout(module_actor(policy), eval_seeds(episodes), self.obs_stats)
         env = self.make_env()
         try:
             stats = self.obs_stats

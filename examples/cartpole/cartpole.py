@@ -5,11 +5,10 @@
     evochi-torch play examples.cartpole:CartPole runs/cartpole-s0 --gif out.gif
     evochi-torch worker examples.cartpole:CartPole --server HOST:PORT   # join a remote run
 
-Everything but the task is the library's: `GymWorker` runs the episodes (one env per member,
-only the living ones stepped, argmax actions) and evaluates the center policy on fixed start
-states; `Trainer` starts the server and the workers, prints one line per epoch, stops once the
-center policy is solved and writes runs/cartpole-s<seed>/ (checkpoints, metrics.csv,
-curve.png, config.json).
+Everything but the task is the library's: `GymWorker` runs the episodes (gymnasium's vector
+CartPole, argmax actions) and evaluates the center policy on fixed start states; `Trainer`
+starts the server and the workers, prints one line per epoch, stops once the center policy is
+solved and writes runs/cartpole-s<seed>/ (checkpoints, metrics.csv, curve.png, config.json).
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 
+import gymnasium as gym
+import numpy as np
 import tyro
 from torch import nn
 
@@ -37,11 +38,23 @@ class CartPole(GymWorker):
         # differences in return come from the parameters, not from luck.
         pair_starts=False,
         eval_episodes=10,
+        vectorized=True,  # gymnasium's numpy CartPole steps all members in one call
     )
     default_config = ESConfig(population_size=32, sigma=0.2, learning_rate=0.2, seed=0)
 
     def make_policy(self) -> nn.Module:
         return nn.Sequential(nn.Linear(4, 2))  # observation -> logits of left/right
+
+    def make_vector_env(self, n: int) -> gym.vector.VectorEnv:
+        return gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
+
+    def reset_vector(self, envs: gym.vector.VectorEnv, seeds: np.ndarray) -> np.ndarray:
+        # The vector env draws all start states from one generator; pin each episode's own
+        # (the draw `env.reset(seed=s)` makes), so a member's return depends on its seed only.
+        envs.reset(seed=0)
+        start = np.stack([np.random.default_rng(s).uniform(-0.05, 0.05, 4) for s in seeds])
+        envs.unwrapped.state = start.T.copy()
+        return start.astype(np.float32)
 
 
 @dataclass

@@ -53,3 +53,17 @@ def test_joining_worker_adopts_the_states_settings_and_refuses_foreign_states() 
     stripped = type(state)(**{**state.__dict__, "extra": {}})
     with pytest.raises(ValueError, match="not started by a GymWorker"):
         attach_state(other, stripped)
+
+
+def test_cartpole_example_native_vector_env_pins_the_same_starts() -> None:
+    from examples.cartpole.cartpole import CartPole
+
+    worker = offline_worker(CartPole)
+    attach_state(worker, worker.initialize())
+    torch.manual_seed(0)
+    policy = torch.nn.Linear(4, 2)
+    seeds = eval_seeds(10)
+    native = worker.vector_rollout(module_actor(policy), seeds, None)
+    one_by_one = worker.rollout(worker.envs(10), module_actor(policy), seeds, None)
+    assert native.returns.tolist() == one_by_one.returns.tolist()
+    assert len(set(native.returns.tolist())) > 3  # episodes of different lengths
