@@ -433,10 +433,7 @@ class GymWorker(TorchESWorker):
         self, policy: PopulationPolicy, epoch: int, members: torch.Tensor
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = self.env_settings
-        if s.pair_starts:
-            seeds = pair_seeds(self.config.seed, self.state.epoch, members.numpy())
-        else:
-            seeds = np.full(len(members), train_seed(self.config.seed, self.state.epoch))
+        seeds = self.start_seeds(members.numpy())
         actor = PopulationActor(policy)
         if s.vectorized:
             result = self.vector_rollout(actor, seeds, self.obs_stats, reward_shift=s.reward_shift)
@@ -452,6 +449,18 @@ class GymWorker(TorchESWorker):
         # The episode lengths travel with the rewards (per-member metrics): the trainer
         # counts exact env steps, also of members scored on other machines.
         return result.returns, {"env_steps": result.lengths}
+
+    def start_seeds(self, members: np.ndarray) -> np.ndarray:
+        """Seeds of the start states of `members`' training episodes in this epoch: one per
+        antithetic pair (`pair_starts`), else one for the whole epoch. A pure function of the
+        ES seed, the state's epoch and the member, so any worker scores a member alike."""
+        if self.env_settings.pair_starts:
+            return pair_seeds(self.config.seed, self.state.epoch, members)
+        return np.full(len(members), train_seed(self.config.seed, self.state.epoch))
+
+    def evaluation_seeds(self, n: int) -> np.ndarray:
+        """Seeds of the center evaluation's (and play's) episodes: fixed."""
+        return eval_seeds(n)
 
     def optimize(self, epoch: int, rewards: list[float]) -> TorchESState:
         shaped = self.shape_rewards(np.asarray(rewards, dtype=np.float64))
@@ -488,12 +497,14 @@ class GymWorker(TorchESWorker):
         `vectorized`, all episodes at once (the same ones whatever the caller).
         """
         if self.env_settings.vectorized:
-            return self.vector_rollout(module_actor(policy), eval_seeds(episodes), self.obs_stats)
+            seeds = self.evaluation_seeds(episodes)
+            return self.vector_rollout(module_actor(policy), seeds, self.obs_stats)
         env = self.make_env()
+        seeds = self.evaluation_seeds(episodes)
         try:
             stats = self.obs_stats
             results = [
-                self.rollout([env], module_actor(policy), eval_seeds(episodes)[i : i + 1], stats)
+                self.rollout([env], module_actor(policy), seeds[i : i + 1], stats)
                 for i in range(episodes)
             ]
         finally:
@@ -548,7 +559,7 @@ class GymWorker(TorchESWorker):
         stats = self.obs_stats
         normalize = stats.normalize if stats is not None else _as_float32
         act = module_actor(policy)
-        obs, _ = env.reset(seed=int(eval_seeds(1)[0]))
+        obs, _ = env.reset(seed=int(self.evaluation_seeds(1)[0]))
         frames = [env.render()]
         for _ in range(self.episode_steps):
             action = self.to_actions(act(np.arange(1), normalize(_flat(obs)[None])))[0]

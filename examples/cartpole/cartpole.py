@@ -34,9 +34,6 @@ class CartPole(GymWorker):
         "CartPole-v1",
         hidden=(),  # a linear policy is enough for CartPole and keeps each epoch cheap
         stats_episodes=0,  # observations are already of order 1: no normalisation
-        # Common random numbers: every member of an epoch starts from the same state, so
-        # differences in return come from the parameters, not from luck.
-        pair_starts=False,
         eval_episodes=10,
         vectorized=True,  # gymnasium's numpy CartPole steps all members in one call
     )
@@ -44,6 +41,14 @@ class CartPole(GymWorker):
 
     def make_policy(self) -> nn.Module:
         return nn.Sequential(nn.Linear(4, 2))  # observation -> logits of left/right
+
+    def start_seeds(self, members: np.ndarray) -> np.ndarray:
+        # Common random numbers: every member of an epoch starts from the same state, so
+        # differences in return come from the parameters, not from luck.
+        return np.full(len(members), self.config.seed * 1_000_003 + self.state.epoch + 1)
+
+    def evaluation_seeds(self, n: int) -> np.ndarray:
+        return np.arange(10_000_000, 10_000_000 + n)  # fixed: play reproduces the score
 
     def make_vector_env(self, n: int) -> gym.vector.VectorEnv:
         return gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
