@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,7 +387,8 @@ class Trainer:
             rows.append(row)
             for logger in loggers:
                 logger.log(row)
-            reached = run.target is not None and (row["center_score"] or -math.inf) >= run.target
+            score = row["center_score"]
+            reached = run.target is not None and score is not None and score >= run.target
             if over_budget or at_max or reached:
                 outcome.update(done=True, by="target" if reached else
                                "env_steps" if over_budget else "max_epochs")  # fmt: skip
@@ -400,23 +399,27 @@ class Trainer:
                 plot_curve(rows, run_dir.curve, f"{self.cls.__name__} (seed {config.seed})")
             return bool(outcome["done"])
 
-        with tempfile.TemporaryDirectory(prefix="resume-", dir=run_dir.path) as scratch:
-            server_kwargs = self._server_resume(server_config, Path(scratch))
-            try:
-                result = await launch_train(
-                    spec,
-                    server_config,
-                    devices,
-                    on_epoch=on_epoch,
-                    host=run.host,
-                    port=run.port,
-                    restart=run.restart,
-                    server_kwargs=server_kwargs,
-                )
-            except BaseException:
-                if latest:  # keep what was trained (Ctrl-C, all workers dead)
-                    save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
-                raise
+        # A resumed training: the server starts from the checkpoint, at the next epoch.
+        server_kwargs = (
+            {}
+            if self.resumed is None
+            else {"initial_state": encode_state(self.resumed), "start_epoch": start_epoch + 1}
+        )
+        try:
+            result = await launch_train(
+                spec,
+                server_config,
+                devices,
+                on_epoch=on_epoch,
+                host=run.host,
+                port=run.port,
+                restart=run.restart,
+                server_kwargs=server_kwargs,
+            )
+        except BaseException:
+            if latest:  # keep what was trained (Ctrl-C, all workers dead)
+                save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
+            raise
         if "error" in outcome:
             if latest:
                 save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
@@ -446,22 +449,6 @@ class Trainer:
         if run.max_epochs:
             return row["epoch"] / run.max_epochs
         return None
-
-    def _server_resume(self, server_config: Any, scratch: Path) -> dict[str, Any]:
-        """How the embedded server continues the resumed state at the next epoch."""
-        if self.resumed is None:
-            return {}
-        from evochi.server import EmbeddedServer
-
-        blob, epoch = encode_state(self.resumed), self.resumed.epoch + 1
-        if "initial_state" in inspect.signature(EmbeddedServer).parameters:
-            return {"initial_state": blob, "start_epoch": epoch}
-        # Servers without initial_state continue from a --state-dir checkpoint: write one.
-        from evochi.server.store import Checkpoint, CheckpointStore
-
-        CheckpointStore(scratch).save(Checkpoint(epoch, blob, server_config.stored_fields()))
-        server_config.state_dir = str(scratch)
-        return {}
 
 
 def train(
