@@ -127,14 +127,12 @@ def test_known_bytes_of_the_metrics_extension() -> None:
 PRE_EXTENSION_COMMIT = "9ca776b7c8f768ab56552bfd80745fd604dcb840"
 
 
-def _pre_extension_messages() -> dict[str, type]:
-    """The message classes of the pre-extension generated code, from git history, in a
-    descriptor pool of their own (the current ones live in the default pool)."""
+def pre_extension_descriptor() -> bytes:
+    """The serialized FileDescriptorProto of evochi.proto before the metrics extension,
+    taken from the generated code in git history (skips the test without history)."""
     import ast
     import re
     import shutil
-
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
@@ -147,11 +145,19 @@ def _pre_extension_messages() -> dict[str, type]:
         pytest.skip(f"no git history here: {show.stderr.strip()}")
     match = re.search(r"AddSerializedFile\((b'.*?')\)\n", show.stdout)
     assert match is not None, "the old generated code has no serialized descriptor"
+    return ast.literal_eval(match.group(1))
+
+
+def _pre_extension_messages() -> dict[str, type]:
+    """The message classes of the pre-extension generated code, in a descriptor pool of
+    their own (the current ones live in the default pool)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
     pool = descriptor_pool.DescriptorPool()
     timestamp = descriptor_pb2.FileDescriptorProto()
     timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
     pool.Add(timestamp)
-    pool.AddSerializedFile(ast.literal_eval(match.group(1)))
+    pool.AddSerializedFile(pre_extension_descriptor())
     names = ("Evaluation", "FinishEvaluationRequest")
     return {
         n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"evochi.v1.{n}"))

@@ -55,10 +55,6 @@ class ServerMetrics:
             ["method", "code"],
             registry=r,
         )
-        self.reward_mean = Gauge(
-            "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
-        )
-        self._leave_reasons: set[str] = set()
         # Per-member metrics (protocol extension); at most evochi.v1.metrics.MAX_METRICS
         # names per training, so the label sets stay small. The sum is a gauge because
         # values may be negative (e.g. behaviour descriptors); for env steps it only grows.
@@ -75,6 +71,10 @@ class ServerMetrics:
             ["name"],
             registry=r,
         )
+        self.reward_mean = Gauge(
+            "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
+        )
+        self._leave_reasons: set[str] = set()
 
     def leave(self, reason: str) -> None:
         # Reasons carry details ("evaluate task deadline missed"); keep the label set small.

@@ -146,6 +146,8 @@ class EvochiService:
         self.finished = asyncio.Event()
         # (id of the epoch's reward array, its packed little-endian float32 bytes)
         self._rewards_cache: tuple[int, bytes] | None = None
+        # Prometheus children of the per-member metrics, by name (labels() costs a lock).
+        self._metric_series: dict[str, tuple[Any, Any]] = {}
         self._join_token = config.join_token.encode() if config.join_token else None
         self._unary: dict[str, Callable[[bytes, str | None], bytes]] = {
             "Heartbeat": self._heartbeat,
@@ -432,8 +434,14 @@ class EvochiService:
         mean = float(np.mean(rewards))
         metrics.reward_mean.set(mean)
         for name, total in summary.metrics.items():
-            metrics.member_metric_sum.labels(name).inc(total)
-            metrics.member_metric_members.labels(name).inc(summary.metric_members[name])
+            series = self._metric_series.get(name)
+            if series is None:  # at most MAX_METRICS names per training
+                series = self._metric_series[name] = (
+                    metrics.member_metric_sum.labels(name),
+                    metrics.member_metric_members.labels(name),
+                )
+            series[0].inc(total)
+            series[1].inc(summary.metric_members[name])
         if log.isEnabledFor(logging.INFO):
             log.info("epoch=%d seconds=%.3f workers=%d reward_mean=%.6g min=%.6g max=%.6g",
                      summary.epoch, summary.seconds, summary.workers, mean,
