@@ -1,7 +1,7 @@
 """Center-policy return of the MuJoCo example after an env-step budget.
 
     python -m benchmarks.mujoco --env HalfCheetah-v5 --env-steps 10000000 --seed 0
-    python -m benchmarks.mujoco --env Hopper-v5 --env-steps 10000000 --seed 1 -- --sigma 0.03
+    python -m benchmarks.mujoco --env Hopper-v5 --env-steps 10000000 --seed 1 -- --es.sigma 0.03
 
 The training is `examples.mujoco.run` with the env's defaults (arguments after `--` go to the
 example's command line). `return` is the final center policy's mean true return over the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import tyro
 
-from examples.mujoco.mujoco import Args, run
+from examples.mujoco.mujoco import PRESETS, run
 
 
 def summarize(runs_dir: Path, out: Path) -> None:
@@ -37,13 +37,14 @@ def summarize(runs_dir: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evochi_torch import load_checkpoint
-    from examples.mujoco.mujoco import evaluate_center
+    from evochi_torch.harness import load_state, offline_worker
+    from examples.mujoco.mujoco import MuJoCoES
 
     runs: dict[str, list[tuple[int, Path]]] = {}
     for config in sorted(runs_dir.glob("*/config.json")):
-        args = json.loads(config.read_text())["args"]
-        runs.setdefault(args["env"], []).append((args["seed"], config.parent))
+        record = json.loads(config.read_text())
+        env = record["worker_kwargs"]["settings"]["env_id"]
+        runs.setdefault(env, []).append((record["es"]["seed"], config.parent))
     out.mkdir(parents=True, exist_ok=True)
     print("| env | seeds | env steps | wall time (s) | center return per seed | mean | median |")
     print("|---|---|---|---|---|---|---|")
@@ -54,10 +55,12 @@ def summarize(runs_dir: Path, out: Path) -> None:
             with open(run_dir / "metrics.csv") as fh:
                 rows = list(csv.DictReader(fh))
             x = [int(r["env_steps"]) for r in rows]
-            ax.plot(x, [float(r["center_return"]) for r in rows], label=f"seed {seed}", lw=1)
+            ax.plot(x, [float(r["center_score"]) for r in rows], label=f"seed {seed}", lw=1)
             shutil.copy(run_dir / "metrics.csv", out / f"{env}-s{seed}.csv")
-            state = load_checkpoint(run_dir / "policy.safetensors")
-            finals.append(float(evaluate_center(state, 10).returns.mean()))
+            worker = offline_worker(MuJoCoES, load_state(run_dir))
+            finals.append(
+                float(worker.evaluate_episodes(worker.center_policy(), 10).returns.mean())
+            )
             steps.append(x[-1])
             seconds.append(float(rows[-1]["seconds"]))
         ax.set(xlabel="env steps", ylabel="center-policy return", title=f"{env} (ES)")
@@ -91,18 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmarks"))
     args = parser.parse_args(argv)
-    example = tyro.cli(
-        Args,
+    example = tyro.extras.overridable_config_cli(
+        PRESETS,
         args=[
-            "--env", args.env, "--env-steps", str(args.env_steps), "--seed", str(args.seed),
-            "--workers", str(args.workers), "--runs-dir", str(args.runs_dir),
+            args.env, "--run.env-steps", str(args.env_steps), "--es.seed", str(args.seed),
+            "--run.workers", str(args.workers), "--run.runs-dir", str(args.runs_dir),
             *extra,
         ],
     )  # fmt: skip
-    result = run(example)
+    result, final = run(example)
     print(
-        f"mujoco env={args.env} env_steps={result['env_steps']} "
-        f"seconds={result['seconds']:.1f} return={result['final_return']:.1f}"
+        f"mujoco env={args.env} env_steps={result.last['env_steps']} "
+        f"seconds={result.last['seconds']:.1f} return={final:.1f}"
     )
 
 

@@ -95,3 +95,8 @@ __all__ = [
 from .worker import TorchESWorker, TorchStateCodec
 
 __all__ += ["TorchESWorker", "TorchStateCodec"]
+
+# --- harness (issue 12): run directories, resume, loggers; `evochi_torch.train(...)`. ---
+from .harness import RunConfig, RunResult, Trainer, train  # noqa: E402
+
+__all__ += ["RunConfig", "RunResult", "Trainer", "train"]

@@ -1,8 +1,11 @@
 """`evochi-torch`: train on this machine, or join a remote server with local workers.
 
-evochi-torch train examples.cartpole:CartPoleWorker --workers 2
+evochi-torch train examples.cartpole:CartPole --workers 2      # -> runs/CartPole-s0/
+evochi-torch train examples.cartpole:CartPole --resume runs/CartPole-s0 --max-epochs 200
+evochi-torch play examples.cartpole:CartPole runs/CartPole-s0 --gif out.gif
+evochi-torch export /var/lib/evochi policy.safetensors        # a server's --state-dir
 evochi-server --population-size 256 --port 8080            # on the server host
-evochi-torch worker examples.mujoco:MujocoWorker --server HOST:8080 --devices all
+evochi-torch worker examples.mujoco:HalfCheetah --server HOST:8080 --devices all
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from evochi_torch.config import ESConfig
@@ -24,7 +28,6 @@ from evochi_torch.launch import (
     load_class,
     parse_devices,
     spread,
-    train,
 )
 from evochi_torch.ray import add_ray_flags
 
@@ -102,7 +105,9 @@ def _common_worker_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="restart worker processes that crash (they rejoin the training)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level. Default: INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level. Default: WARNING for train, INFO else"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="embedded server + N local worker processes",
         description="Start an embedded evochi server on this machine and N local worker "
-        "processes, and train until --max-epochs.",
+        "processes, and train until --max-epochs (or --env-steps, or --target). Every training "
+        "writes a run directory: checkpoint.safetensors (the full training state), "
+        "best.safetensors (with a center evaluation), metrics.csv, curve.png, config.json.",
     )
     _common_worker_flags(tr)
     tr.add_argument(
@@ -127,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of worker processes, spread round-robin over --devices. "
         "Default: one per device",
     )
-    tr.add_argument("--max-epochs", type=int, default=100, help="epochs to train. Default: 100")
+    tr.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="stop after this epoch (counted from the start of the run, also on --resume). "
+        "Default: 100, or no limit when --env-steps or --target is given",
+    )
     tr.add_argument("--port", type=int, default=0, help="server port (0 = a free one). Default: 0")
     tr.add_argument(
         "--host",
@@ -137,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--worker-timeout", type=float, default=60.0, help="seconds. Default: 60")
     add_ray_flags(tr)
+    _add_run_flags(tr)
+    tr.set_defaults(log_level="WARNING")
     _add_config_flags(tr)
 
     wk = sub.add_parser(
@@ -164,11 +179,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_ray_flags(wk)
     _add_config_flags(wk)
+
+    pl = sub.add_parser(
+        "play",
+        help="evaluate a saved policy (and render it)",
+        description="Load a policy (a run directory, a .safetensors checkpoint or a server's "
+        "--state-dir) into the worker class and run its center evaluation: the worker's "
+        "play() (GymWorker: returns per episode, --gif/--video) or evaluate_center().",
+    )
+    pl.add_argument("target", metavar="MODULE:CLASS", help="the worker class of the training")
+    pl.add_argument("source", metavar="RUN", help="run directory, checkpoint or state dir")
+    pl.add_argument("--best", action="store_true", help="the run's best.safetensors")
+    pl.add_argument("--episodes", type=int, default=None, help="Default: the worker's setting")
+    pl.add_argument("--gif", default=None, metavar="PATH", help="render one episode to a GIF")
+    pl.add_argument("--video", default=None, metavar="PATH", help="render one episode to MP4")
+    pl.set_defaults(log_level="WARNING")
+
+    ex = sub.add_parser(
+        "export",
+        help="turn a server's --state-dir checkpoint into a policy file",
+        description="Convert a training state (an evochi-server --state-dir or its "
+        "checkpoint.evochi, a run directory, a .safetensors checkpoint) into OUT: a .safetensors "
+        "checkpoint that `load_policy`, `play` and `--resume` read; with --state-dict "
+        "MODULE:CLASS, the policy module's plain state_dict (safetensors.torch.load_file + "
+        "module.load_state_dict).",
+    )
+    ex.add_argument("source", metavar="SOURCE", help="state dir, checkpoint.evochi or run dir")
+    ex.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    ex.add_argument(
+        "--state-dict",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="write the worker class's policy module state_dict instead of the training state",
+    )
+    ex.set_defaults(log_level="WARNING")
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run directory, metrics and stopping")
+    group.add_argument(
+        "--run-dir", default=None, help="where to write the run. Default: runs/<Class>-s<seed>"
+    )
+    group.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue this run from its last checkpoint (bit-identical to an "
+                       "uninterrupted run; its ES config is used)")  # fmt: skip
+    group.add_argument("--checkpoint-every", type=int, default=10, metavar="K",
+                       help="write the checkpoint, curve and metrics every K epochs and at the "
+                       "end. Default: 10")  # fmt: skip
+    group.add_argument("--eval-every", type=int, default=1, metavar="N",
+                       help="run the worker class's evaluate_center(policy) every N epochs "
+                       "(and at the last one); 0: never. Default: 1")  # fmt: skip
+    group.add_argument("--target", type=float, default=None, dest="target_score",
+                       help="stop once the center score reaches this")  # fmt: skip
+    group.add_argument("--env-steps", type=int, default=None,
+                       help="stop before an epoch would spend more env steps than this "
+                       "(workers that count env steps: GymWorker)")  # fmt: skip
+    group.add_argument("--logger", default="csv", metavar="NAMES",
+                       help="comma-separated: csv (always on), tensorboard, wandb (offline "
+                       "unless WANDB_API_KEY/WANDB_MODE say otherwise). Default: csv")  # fmt: skip
+    group.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("play", "export"):
+        logging.basicConfig(level=args.log_level.upper())
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return _play(args) if args.command == "play" else _export(args)
+        except (ValueError, FileNotFoundError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     # Like `python -m`: MODULE:CLASS may name a module of the current directory (e.g. the
     # examples of a checkout); spawned workers inherit this path.
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -192,29 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            from evochi.server import ServerConfig
-
-            cores = args.cores or -(-config.population_size // len(placed))
-            spec = WorkerSpec(
-                args.target, cores, {"config": config}, threads, log_level=args.log_level.upper()
-            )
-            server_config = ServerConfig(
-                population_size=config.population_size,
-                max_epochs=args.max_epochs,
-                worker_timeout=args.worker_timeout,
-            )
-            result = asyncio.run(
-                train(
-                    spec,
-                    server_config,
-                    placed,
-                    host=args.host,
-                    port=args.port,
-                    restart=args.restart,
-                )
-            )
-            print(f"trained epochs={result.epochs} seconds={result.seconds:.1f}")
-            return 1 if result.crashed and not args.restart else 0
+            return _train(args, cls, config, placed)
 
         root = None
         if args.tls_ca:
@@ -233,6 +294,84 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130
+
+
+def _train(args: argparse.Namespace, cls: type, config: ESConfig, placed: list[str]) -> int:
+    from evochi_torch.harness import RunConfig, Trainer
+
+    overrides = _config_overrides(args)
+    if args.resume and overrides:
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        print(f"error: {flags}: a resumed run keeps its checkpoint's ES config", file=sys.stderr)
+        return 2
+    max_epochs = args.max_epochs
+    if max_epochs is None and args.env_steps is None and args.target_score is None:
+        max_epochs = 100
+    loggers = tuple(n.strip() for n in args.logger.split(",") if n.strip() and n != "csv")
+    run = RunConfig(
+        max_epochs=max_epochs,
+        env_steps=args.env_steps,
+        target=args.target_score,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        resume=Path(args.resume) if args.resume else None,
+        loggers=loggers,
+        quiet=args.quiet,
+        workers=len(placed),
+        devices=",".join(placed),
+        cores=args.cores,
+        threads=args.threads,
+        host=args.host,
+        port=args.port,
+        worker_timeout=args.worker_timeout,
+        restart=args.restart,
+        log_level=args.log_level.upper(),
+    )
+    try:
+        trainer = Trainer(args.target, None if args.resume else config, run)
+        result = trainer.fit()
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"trained epochs={result.last['epoch']} seconds={result.last['seconds']:.1f} "
+          f"run_dir={result.run_dir}")  # fmt: skip
+    return 1 if result.crashed and not args.restart else 0
+
+
+def _play(args: argparse.Namespace) -> int:
+    from evochi_torch.harness import load_state, offline_worker
+
+    cls = load_class(args.target)
+    state = load_state(args.source, "best" if args.best else "checkpoint")
+    worker = offline_worker(cls, state)
+    policy = worker.center_policy()
+    if callable(getattr(worker, "play", None)):
+        worker.play(policy, args.episodes, gif=args.gif, video=args.video)
+        return 0
+    if args.gif or args.video:
+        raise ValueError(f"{cls.__name__} has no play(): --gif/--video need a GymWorker")
+    if not callable(getattr(worker, "evaluate_center", None)):
+        raise ValueError(f"{cls.__name__} has neither play() nor evaluate_center(policy)")
+    print(f"center score {worker.evaluate_center(policy):.4f} (epoch {state.epoch})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from evochi_torch.codec import save_checkpoint
+    from evochi_torch.harness import load_state, offline_worker
+
+    state = load_state(args.source)
+    if args.state_dict:
+        from safetensors.torch import save_file
+
+        policy = offline_worker(load_class(args.state_dict), state).center_policy()
+        tensors = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+        save_file(tensors, args.out, metadata={"epoch": str(state.epoch)})
+    else:
+        save_checkpoint(args.out, state)
+    print(f"wrote {args.out} (epoch {state.epoch}, {state.params.numel()} parameters)")
+    return 0
 
 
 async def _run_workers(spec: WorkerSpec, server: str, devices: list[str], restart: bool) -> int:

@@ -278,6 +278,7 @@ async def train(
     host: str = "127.0.0.1",
     port: int = 0,
     restart: bool = False,
+    server_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Runs an embedded server and one worker process per entry of `devices` until the
     training ends: max epochs reached, `on_epoch` returned True (stop early), or every
@@ -285,6 +286,7 @@ async def train(
 
     `on_epoch(summary)` may be sync or async; it runs in this process with the
     server's `EpochSummary` (epoch, rewards, the new state's bytes...).
+    `server_kwargs` go to `EmbeddedServer` (e.g. a resumed training's start state).
     """
     from evochi.server import EmbeddedServer
 
@@ -302,7 +304,9 @@ async def train(
             stop_early.set()
 
     started = time.perf_counter()
-    async with EmbeddedServer(server_config, host=host, port=port, on_epoch=epoch_hook) as server:
+    async with EmbeddedServer(
+        server_config, host=host, port=port, on_epoch=epoch_hook, **(server_kwargs or {})
+    ) as server:
         spec = dataclasses.replace(spec, threads=spec.threads or default_threads(len(devices)))
         with WorkerProcesses(spec, server.address, devices, restart=restart) as procs:
             finished = asyncio.ensure_future(server.wait_finished())

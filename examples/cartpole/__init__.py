@@ -1,5 +1,5 @@
 """CartPole-v1 trained with distributed ES: see cartpole.py."""
 
-from examples.cartpole.cartpole import CartPole, make_policy
+from examples.cartpole.cartpole import Args, CartPole, run
 
-__all__ = ["CartPole", "make_policy"]
+__all__ = ["Args", "CartPole", "run"]

@@ -1,23 +1,25 @@
 """MuJoCo locomotion (HalfCheetah, Hopper, Walker2d, Ant) with distributed ES: see mujoco.py."""
 
 from examples.mujoco.mujoco import (
-    PRESETS,
+    SETTINGS,
     Ant,
-    EnvSettings,
+    Args,
     HalfCheetah,
     Hopper,
     MuJoCoES,
+    MuJoCoSettings,
     Walker2d,
-    make_policy,
+    run,
 )
 
 __all__ = [
-    "PRESETS",
+    "SETTINGS",
     "Ant",
-    "EnvSettings",
+    "Args",
     "HalfCheetah",
     "Hopper",
     "MuJoCoES",
+    "MuJoCoSettings",
     "Walker2d",
-    "make_policy",
+    "run",
 ]

@@ -45,9 +45,11 @@ def test_help_explains_every_flag() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_train_runs_an_embedded_server_and_local_workers() -> None:
+def test_train_runs_an_embedded_server_and_local_workers(tmp_path) -> None:
+    run_dir = ["--run-dir", str(tmp_path / "run")]
     out = subprocess.run(
-        launcher("train", "toy_workers:ToyRegression", "--workers", "2", "--max-epochs", "3"),
+        launcher("train", "toy_workers:ToyRegression", "--workers", "2", "--max-epochs", "3",
+                 *run_dir),
         capture_output=True, text=True, env=ENV, timeout=100,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -106,12 +108,14 @@ def test_ctrl_c_stops_every_worker_cleanly() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_console_script_finds_the_examples_from_a_checkout() -> None:
+def test_console_script_finds_the_examples_from_a_checkout(tmp_path) -> None:
     # The README's command, as a user types it in the repository root: no PYTHONPATH.
     script = Path(sys.executable).with_name("evochi-torch")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run_dir = ["--run-dir", str(tmp_path / "run")]  # not the checkout's runs/
     out = subprocess.run(
-        [str(script), "train", "examples.cartpole:CartPole", "--workers", "1", "--max-epochs", "2"],
+        [str(script), "train", "examples.cartpole:CartPole", "--workers", "1", "--max-epochs", "2",
+         *run_dir],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=100,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from examples.digits.digits import main
+
+sys.exit(main())

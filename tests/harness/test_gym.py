@@ -1,0 +1,69 @@
+"""GymWorker's parts without a server: actions, vectorised vs per-member rollouts, settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evochi_torch.gym import GymSettings, GymWorker, ObsStats, eval_seeds, module_actor
+from evochi_torch.harness import attach_state, offline_worker
+from tests.harness.user_workers import SmallCartPole
+
+
+class Pendulum(GymWorker):
+    settings = GymSettings("Pendulum-v1", hidden=(4,), episode_steps=20, eval_episodes=2)
+
+
+def test_actions_argmax_for_discrete_and_rescaled_clip_for_continuous() -> None:
+    cartpole = offline_worker(SmallCartPole)
+    assert cartpole.discrete and cartpole.dims == (4, 2)
+    assert cartpole.to_actions(np.array([[0.1, 0.9], [2.0, -1.0]])).tolist() == [1, 0]
+    pendulum = offline_worker(Pendulum, config=SmallCartPole.default_config)
+    assert not pendulum.discrete and pendulum.dims == (3, 1)
+    actions = pendulum.to_actions(np.array([[0.0], [1.5], [-1.0], [0.5]]))
+    assert actions.reshape(-1).tolist() == [0.0, 2.0, -2.0, 1.0]  # the box is [-2, 2]
+    # The default continuous policy ends in tanh with a 100x smaller last layer.
+    policy = pendulum.make_policy()
+    assert isinstance(policy[-1], torch.nn.Tanh)
+    assert float(policy[-2].weight.detach().abs().max()) < 0.01
+
+
+def test_vectorised_and_per_member_rollouts_agree() -> None:
+    worker = offline_worker(SmallCartPole)
+    state = worker.initialize()
+    attach_state(worker, state)
+    policy = worker.center_policy()
+    seeds = eval_seeds(4)
+    stats = worker.obs_stats
+    assert isinstance(stats, ObsStats) and stats.count > 0  # the initial statistics episode
+    one = worker.rollout(worker.envs(4), module_actor(policy), seeds, stats)
+    many = worker.vector_rollout(module_actor(policy), seeds, stats)
+    assert one.lengths.tolist() == many.lengths.tolist()
+    assert one.returns.tolist() == many.returns.tolist()
+    assert (one.lengths <= 120).all() and one.returns.tolist() == one.lengths.tolist()
+
+
+def test_joining_worker_adopts_the_states_settings_and_refuses_foreign_states() -> None:
+    starter = offline_worker(SmallCartPole)
+    state = starter.initialize()
+    other = offline_worker(SmallCartPole, settings=GymSettings("CartPole-v1", hidden=(3,)))
+    attach_state(other, state)
+    assert other.env_settings == SmallCartPole.settings
+    stripped = type(state)(**{**state.__dict__, "extra": {}})
+    with pytest.raises(ValueError, match="not started by a GymWorker"):
+        attach_state(other, stripped)
+
+
+def test_cartpole_example_native_vector_env_pins_the_same_starts() -> None:
+    from examples.cartpole.cartpole import CartPole
+
+    worker = offline_worker(CartPole)
+    attach_state(worker, worker.initialize())
+    torch.manual_seed(0)
+    policy = torch.nn.Linear(4, 2)
+    seeds = eval_seeds(10)
+    native = worker.vector_rollout(module_actor(policy), seeds, None)
+    one_by_one = worker.rollout(worker.envs(10), module_actor(policy), seeds, None)
+    assert native.returns.tolist() == one_by_one.returns.tolist()
+    assert len(set(native.returns.tolist())) > 3  # episodes of different lengths
