@@ -267,15 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    placement = None
     if args.ray is not None:
-        from evochi_torch.ray import run_cli  # imports Ray, an optional extra
+        from evochi_torch import ray  # imports Ray, an optional extra
 
-        return run_cli(args, config)
+        if args.command == "worker":
+            return ray.run_cli(args, config)
+        try:
+            placement = ray.placement_from_args(args)
+        except (ValueError, ray.RayMissingError, ConnectionError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     threads = args.threads or default_threads(len(placed))
 
     try:
         if args.command == "train":
-            return _train(args, cls, config, placed)
+            return _train(args, cls, config, placed, placement)
 
         root = None
         if args.tls_ca:
@@ -296,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _train(args: argparse.Namespace, cls: type, config: ESConfig, placed: list[str]) -> int:
+def _train(
+    args: argparse.Namespace, cls: type, config: ESConfig, placed: list[str], placement: Any = None
+) -> int:
     from evochi_torch.harness import RunConfig, Trainer
 
     overrides = _config_overrides(args)
@@ -327,6 +336,7 @@ def _train(args: argparse.Namespace, cls: type, config: ESConfig, placed: list[s
         worker_timeout=args.worker_timeout,
         restart=args.restart,
         log_level=args.log_level.upper(),
+        ray=placement,
     )
     try:
         trainer = Trainer(args.target, None if args.resume else config, run)

@@ -330,6 +330,7 @@ async def train_ray(
     on_epoch: Callable[[Any], Any] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
+    server_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Like `evochi_torch.launch.train`, with Ray actors instead of local processes: an
     embedded server on this process (the Ray driver) and `placement.num_workers` actors,
@@ -355,7 +356,9 @@ async def train_ray(
             stop_early.set()
 
     started = time.perf_counter()
-    async with EmbeddedServer(server_config, host=host, port=port, on_epoch=epoch_hook) as server:
+    async with EmbeddedServer(
+        server_config, host=host, port=port, on_epoch=epoch_hook, **(server_kwargs or {})
+    ) as server:
         address = _advertised_address(host, server.port)
         workers = await asyncio.to_thread(start_workers, spec, address, placement)
         try:
@@ -424,27 +427,36 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_cli(args: argparse.Namespace, config: Any) -> int:
-    """`evochi-torch train|worker ... --ray ...`, after the common flags were checked."""
+def placement_from_args(args: argparse.Namespace) -> RayPlacement:
+    """Checks the `--ray` flags and connects to Ray.
+
+    Raises ValueError (bad flags), RayMissingError or ConnectionError with a message for the user.
+    """
     if args.num_workers is None:
-        print("error: --ray needs --num-workers N", file=sys.stderr)
-        return 2
+        raise ValueError("--ray needs --num-workers N")
     if args.devices != "cpu":
-        print(
-            "error: --devices does not apply with --ray (Ray assigns devices); "
-            "use --gpus-per-worker",
-            file=sys.stderr,
+        raise ValueError(
+            "--devices does not apply with --ray (Ray assigns devices); use --gpus-per-worker"
         )
-        return 2
     if args.restart:
         log.info("--restart is implied with --ray: Ray restarts actors whose process died")
+    placement = RayPlacement(
+        args.num_workers, args.gpus_per_worker, args.cpus_per_worker, max_restarts=-1
+    )
+    connect(args.ray)
+    if args.command == "train":
+        _advertised_address(args.host, args.port)  # a multi-node cluster needs --host
+    return placement
+
+
+def run_cli(args: argparse.Namespace, config: Any) -> int:
+    """`evochi-torch worker ... --ray ...`, after the common flags were checked.
+
+    (`evochi-torch train --ray` goes through the harness with `placement_from_args`, so that a
+    Ray training leaves a run directory like any other.)
+    """
     try:
-        placement = RayPlacement(
-            args.num_workers, args.gpus_per_worker, args.cpus_per_worker, max_restarts=-1
-        )
-        connect(args.ray)
-        if args.command == "train":
-            _advertised_address(args.host, args.port)  # a multi-node cluster needs --host
+        placement = placement_from_args(args)
     except (ValueError, RayMissingError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -475,32 +487,6 @@ async def _until_signal(work: Any) -> int | None:
 
 
 async def _cli_main(args: argparse.Namespace, config: Any, placement: RayPlacement) -> int:
-    if args.command == "train":
-        from evochi.server import ServerConfig
-
-        cores = args.cores or -(-config.population_size // placement.num_workers)
-        spec = WorkerSpec(
-            args.target, cores, {"config": config}, args.threads, log_level=args.log_level.upper()
-        )
-        server_config = ServerConfig(
-            population_size=config.population_size,
-            max_epochs=args.max_epochs,
-            worker_timeout=args.worker_timeout,
-        )
-        results: list[TrainResult] = []
-
-        async def work() -> None:
-            result = await train_ray(spec, server_config, placement, host=args.host, port=args.port)
-            results.append(result)
-
-        code = await _until_signal(work())
-        if code is not None:
-            print("interrupted; Ray workers stopped", file=sys.stderr)
-            return code
-        result = results[0]
-        print(f"trained epochs={result.epochs} seconds={result.seconds:.1f}")
-        return 0
-
     root = None
     if args.tls_ca:
         with open(args.tls_ca, "rb") as fh:

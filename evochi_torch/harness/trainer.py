@@ -97,6 +97,8 @@ class RunConfig:
     worker_timeout: float = 60.0
     restart: bool = False
     log_level: str = "WARNING"
+    ray: Any = None
+    """an `evochi_torch.ray.RayPlacement`: workers are Ray actors instead of local processes"""
 
 
 @dataclass
@@ -303,9 +305,10 @@ class Trainer:
             )
         bound = getattr(evaluator, "max_env_steps", None)
         devices = spread(parse_devices(run.devices), run.workers or 1)
+        workers = run.ray.num_workers if run.ray is not None else len(devices)
         spec = WorkerSpec(
             self.target,
-            run.cores or -(-config.population_size // len(devices)),
+            run.cores or -(-config.population_size // workers),
             {"config": config, **self.worker_kwargs},
             run.threads,
             log_level=run.log_level,
@@ -406,16 +409,29 @@ class Trainer:
             else {"initial_state": encode_state(self.resumed), "start_epoch": start_epoch + 1}
         )
         try:
-            result = await launch_train(
-                spec,
-                server_config,
-                devices,
-                on_epoch=on_epoch,
-                host=run.host,
-                port=run.port,
-                restart=run.restart,
-                server_kwargs=server_kwargs,
-            )
+            if run.ray is not None:
+                from evochi_torch.ray import train_ray  # Ray is an optional extra
+
+                result = await train_ray(
+                    spec,
+                    server_config,
+                    run.ray,
+                    on_epoch=on_epoch,
+                    host=run.host,
+                    port=run.port,
+                    server_kwargs=server_kwargs,
+                )
+            else:
+                result = await launch_train(
+                    spec,
+                    server_config,
+                    devices,
+                    on_epoch=on_epoch,
+                    host=run.host,
+                    port=run.port,
+                    restart=run.restart,
+                    server_kwargs=server_kwargs,
+                )
         except BaseException:
             if latest:  # keep what was trained (Ctrl-C, all workers dead)
                 save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))

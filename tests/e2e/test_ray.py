@@ -130,16 +130,19 @@ def test_a_killed_actor_is_restarted_and_joins_again(local_cluster, reference) -
 
 
 @pytest.mark.timeout(300)
-def test_cli_train_with_ray_joins_a_running_cluster(local_cluster) -> None:
+def test_cli_train_with_ray_joins_a_running_cluster(local_cluster, tmp_path: Path) -> None:
     # `--ray ADDRESS`: a second driver on the test's cluster, as a user would join one.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-m", "evochi_torch", "train", TARGET, "--ray", local_cluster,
-         "--num-workers", "2", "--max-epochs", "3", "--seed", "3"],
+         "--num-workers", "2", "--max-epochs", "3", "--seed", "3", "--run-dir", str(tmp_path)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=240,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "trained epochs=3" in out.stdout
+    # A Ray training goes through the harness like any other: it leaves its run directory.
+    assert (tmp_path / "checkpoint.safetensors").exists()
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 3
 
 
 def test_cli_explains_bad_ray_flags(capsys: pytest.CaptureFixture[str]) -> None:
