@@ -40,6 +40,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from evochi.v1.errors import EvochiError
 from evochi.v1.errors import StateDecodeError as _V1StateDecodeError
 
 from .config import ESConfig
@@ -80,7 +81,7 @@ class StateDecodeError(_V1StateDecodeError):
     ``except`` catches undecodable states from any codec."""
 
 
-class NoiseMismatchError(RuntimeError):
+class NoiseMismatchError(EvochiError, RuntimeError):
     """This process's noise table differs from the one the training was started with."""
 
 
