@@ -311,7 +311,8 @@ def perturbed_params(
     data = table.to(device)
     # All windows of length P as one overlapping view: gathering rows is a single kernel.
     windows = data.as_strided((table.size - num_params + 1, num_params), (1, 1))
-    rows = windows[offsets[idx].to(device)]
+    # index_select, not windows[idx]: advanced indexing of the overlapping view costs O(T).
+    rows = windows.index_select(0, offsets[idx].to(device))
     if isinstance(sigma, torch.Tensor):
         if sigma.shape != (num_params,):
             raise ValueError(f"sigma must be a float or a [P] tensor, got {tuple(sigma.shape)}")

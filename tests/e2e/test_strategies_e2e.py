@@ -57,15 +57,17 @@ async def train(strategy: str) -> tuple[TorchESState, dict[int, np.ndarray], int
         assert summary.epoch not in rewards, "an epoch completed twice"
         rewards[summary.epoch] = summary.rewards.copy()
 
-    # worker_timeout bounds how long a killed worker's task can stay assigned.
-    config = ServerConfig(population_size=POPULATION, max_epochs=EPOCHS, worker_timeout=3.0)
+    # worker_timeout bounds how long a killed worker's task can stay assigned (generous:
+    # the machine may be loaded).
+    config = ServerConfig(population_size=POPULATION, max_epochs=EPOCHS, worker_timeout=10.0)
     groups = []
     async with EmbeddedServer(config, on_epoch=record) as server:
         try:
-            groups.append(WorkerProcesses(spec(strategy), server.address, ["cpu"]).start())
-            for point in ("optimize:1", "evaluate:2"):
-                groups.append(WorkerProcesses(spec(strategy, point, cores=3), server.address,
-                                              ["cpu"]).start())  # fmt: skip
+            # The first worker initializes the training and dies in the first update, so at
+            # least one SIGKILL is certain; the others join meanwhile.
+            for point, cores in (("optimize:0", 3), ("", 5), ("evaluate:2", 3)):
+                groups.append(WorkerProcesses(spec(strategy, point, cores=cores),
+                                              server.address, ["cpu"]).start())  # fmt: skip
             while server.epoch < 3 and not server.finished:
                 await asyncio.sleep(0.01)
             groups.append(WorkerProcesses(spec(strategy, threads=2), server.address,
@@ -84,8 +86,8 @@ async def train(strategy: str) -> tuple[TorchESState, dict[int, np.ndarray], int
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_distributed_training_with_kills_and_late_joiner_equals_one_process(strategy) -> None:
     ref, ref_rewards = single_process(strategy)
-    got, rewards, killed = run(train(strategy))
-    assert killed >= 1  # the optimize:1 death is certain: every worker optimizes
+    got, rewards, killed = run(train(strategy), timeout=280)
+    assert killed >= 1  # the first worker's death in the first update is certain
     assert ref.config.strategy == got.config.strategy == strategy
     assert ref.epoch == got.epoch == EPOCHS
     assert torch.equal(ref.params, got.params)
