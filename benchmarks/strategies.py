@@ -7,12 +7,12 @@ reference library's implementation of the same strategy where one is installed (
 ``CMA_diagonal`` for sep_cma: ``pip install -e '.[bench]'``; EvoTorch is not used: it pulls
 ray and pandas)::
 
-    strategies fn=sphere d=100 strategy=sep_cma evals_to_target=... ref_evals_to_target=... ratio=...
+    strategies fn=sphere d=100 strategy=sep_cma evals_to_target=N ref_evals_to_target=M ratio=R
 
 Part 2 (cost): one update at ``npop=1000, P=1,000,000`` for every strategy, side by side with
 today's OpenAI-ES step (``es_step`` with Adam), interleaved repeats, median::
 
-    strategies update npop=1000 params=1000000 strategy=snes seconds=... openai_es_seconds=... ratio=...
+    strategies update npop=1000 params=1000000 strategy=snes seconds=S openai_es_seconds=B ratio=R
 
     python -m benchmarks.strategies [--dims 100,10000] [--fns sphere,rastrigin,rosenbrock]
         [--budget-per-dim 300] [--update-params 1000000] [--skip-search] [--skip-update]
