@@ -62,12 +62,14 @@ def population_size(d: int) -> int:
 
 
 def evals_to_target(
-    fn: str, d: int, strategy: str, budget: int, seed: int = 1
+    fn: str, d: int, strategy: str, budget: int, seed: int = 1, antithetic: bool = True
 ) -> tuple[float, float]:
     """(evaluations until f(center) <= target, best f(center)/d) of one of our strategies."""
     f, x0, sigma, target = PROBLEMS[fn]
     npop = population_size(d)
-    config = ESConfig(population_size=npop, strategy=strategy, sigma=sigma, seed=seed)
+    config = ESConfig(
+        population_size=npop, strategy=strategy, sigma=sigma, seed=seed, antithetic=antithetic
+    )
     s = get_strategy(strategy)
     x = torch.full((d,), x0, dtype=torch.float32)
     table = NoiseTable.for_config(config, d)
@@ -123,9 +125,14 @@ def search(dims: list[int], fns: list[str], budget_per_dim: int, strategies: lis
         budget = max(budget_per_dim * d, 20_000) if d <= 1000 else budget_per_dim * 10 * 1000
         for fn in fns:
             ref = pycma_evals_to_target(fn, d, budget)
-            for strategy in strategies:
+            # sep_cma also without mirrored sampling: pycma samples independently.
+            variants = [(n, True) for n in strategies]
+            if "sep_cma" in strategies:
+                variants.insert(strategies.index("sep_cma") + 1, ("sep_cma", False))
+            for strategy, antithetic in variants:
                 t0 = time.perf_counter()
-                evals, best = evals_to_target(fn, d, strategy, budget)
+                evals, best = evals_to_target(fn, d, strategy, budget, antithetic=antithetic)
+                label = strategy if antithetic else f"{strategy}(antithetic=False)"
                 ref_evals, ref_best = (
                     ref if ref is not None and strategy == "sep_cma" else (None, None)
                 )
@@ -136,7 +143,7 @@ def search(dims: list[int], fns: list[str], budget_per_dim: int, strategies: lis
                     ref_s = f"{ref_evals:.0f}"
                     ratio = f"{evals / ref_evals:.2f}" if math.isfinite(ref_evals) else "n/a"
                 print(
-                    f"strategies fn={fn} d={d} strategy={strategy} evals_to_target={evals:.0f} "
+                    f"strategies fn={fn} d={d} strategy={label} evals_to_target={evals:.0f} "
                     f"ref_evals_to_target={ref_s} ratio={ratio} budget={budget} "
                     f"npop={population_size(d)} best_f_per_dim={best:.3g} "
                     f"ref_best_f_per_dim={ref_best_s} "
