@@ -13,7 +13,7 @@ rewards::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,9 +23,14 @@ from .base import Strategy, noise_sums
 @dataclass(frozen=True)
 class ARSOptions:
     #: Directions used per update (b); None: all population_size / 2 of them.
-    top_directions: int | None = None
+    top_directions: int | None = field(
+        default=None,
+        metadata={"help": "directions b used per update; None: all population_size / 2"},
+    )
     #: Divide by the std of the used rewards (ARS's sigma_R); False is ARS "V1" without it.
-    reward_std_scaling: bool = True
+    reward_std_scaling: bool = field(
+        default=True, metadata={"help": "divide the step by the std of the used rewards (sigma_R)"}
+    )
 
     def __post_init__(self) -> None:
         b = self.top_directions

@@ -13,7 +13,7 @@ smoothing factors ``alpha = learning_rate`` (mean, default 1) and ``std_smoothin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,11 +23,15 @@ from .base import Strategy, f32, f64, noise_sums, ranked, require
 @dataclass(frozen=True)
 class CEMOptions:
     #: Fraction of the population forming the elite (evosax: 0.5).
-    elite_fraction: float = 0.5
+    elite_fraction: float = field(
+        default=0.5, metadata={"help": "fraction of the population forming the elite"}
+    )
     #: Weight of the elite std in the new std (1: plain CEM; de Boer et al. use 0.7-0.9).
-    std_smoothing: float = 0.7
+    std_smoothing: float = field(
+        default=0.7, metadata={"help": "weight of the elite std in the new std (1: plain CEM)"}
+    )
     #: Floor of the std (keeps the search from collapsing).
-    min_std: float = 1e-8
+    min_std: float = field(default=1e-8, metadata={"help": "floor of the std"})
 
     def __post_init__(self) -> None:
         if not 0 < self.elite_fraction <= 1:

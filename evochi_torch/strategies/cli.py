@@ -57,7 +57,8 @@ def add_strategy_flags(parser: argparse.ArgumentParser, reserved: set[str] | Non
         else:
             kwargs["type"] = scalar[0]
         names = ", ".join(o[0] for o in owners)
-        kwargs["help"] = f"({names}) default: {f.default}"
+        what = f.metadata.get("help", "")
+        kwargs["help"] = f"({names}) {what}; default: {f.default}".replace(" ; ", " ")
         group.add_argument(flag, **kwargs)
 
 

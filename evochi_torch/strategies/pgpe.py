@@ -13,7 +13,7 @@ With shaped fitness ``w`` (centered ranks by default), ``n`` pairs and ``N = 2n`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,9 +23,13 @@ from .base import Strategy, f32, f64, noise_sums, require
 @dataclass(frozen=True)
 class PGPEOptions:
     #: Step size of the per-parameter sigma (pgpelib/EvoTorch: 0.1).
-    stdev_learning_rate: float = 0.1
+    stdev_learning_rate: float = field(
+        default=0.1, metadata={"help": "step size of the per-parameter sigma"}
+    )
     #: Bound on sigma's relative change per update (pgpelib/EvoTorch: 0.2).
-    stdev_max_change: float = 0.2
+    stdev_max_change: float = field(
+        default=0.2, metadata={"help": "bound on sigma's relative change per update"}
+    )
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.stdev_learning_rate) and self.stdev_learning_rate >= 0):

@@ -17,7 +17,7 @@ with Hansen's default constants and the sep-CMA learning rates ``c1, cmu`` scale
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ from .base import Strategy, f32, f64, noise_sums, ranked, require, scalar
 @dataclass(frozen=True)
 class SepCMAOptions:
     #: Parents (selected members); None: population_size // 2.
-    mu: int | None = None
+    mu: int | None = field(
+        default=None, metadata={"help": "parents (selected members); None: population_size // 2"}
+    )
 
     def __post_init__(self) -> None:
         if self.mu is not None and (isinstance(self.mu, bool) or not isinstance(self.mu, int)):

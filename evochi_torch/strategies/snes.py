@@ -12,7 +12,7 @@ Member ``i`` is ``mu + sigma * s_i * eps_i`` with per-parameter ``sigma``; with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,7 +22,9 @@ from .base import Strategy, f32, f64, noise_sums, require
 @dataclass(frozen=True)
 class SNESOptions:
     #: Step size of log(sigma); None: (3 + ln d) / (5 sqrt d) (Schaul et al. 2011).
-    sigma_learning_rate: float | None = None
+    sigma_learning_rate: float | None = field(
+        default=None, metadata={"help": "step size of log(sigma); None: (3 + ln d) / (5 sqrt d)"}
+    )
 
     def __post_init__(self) -> None:
         lr = self.sigma_learning_rate
