@@ -55,7 +55,7 @@ def _rewards(npop: int, epoch: int) -> np.ndarray:
 def dense_step(params, opt_state, rewards, epoch, config, gen):
     """The dense baseline: materialise the whole population's noise."""
     npop, p = config.population_size, params.numel()
-    w = torch.from_numpy(shape_fitness(rewards, config.fitness_shaping)).float()
+    w = torch.from_numpy(shape_fitness(rewards, config.shaping)).float()
     h = torch.randn(npop // 2, p, generator=gen)
     noise = torch.cat([h, -h])
     del h
@@ -67,7 +67,7 @@ def dense_step(params, opt_state, rewards, epoch, config, gen):
 def per_member_step(params, opt_state, rewards, epoch, config):
     """The design alternative to a noise table: seed a generator per antithetic pair and stream."""
     npop, p = config.population_size, params.numel()
-    w = shape_fitness(rewards, config.fitness_shaping)
+    w = shape_fitness(rewards, config.shaping)
     acc = torch.zeros(p)
     eps = torch.empty(p)
     gen = torch.Generator()

@@ -1,102 +1,82 @@
-"""evochi_torch: OpenAI-style Evolution Strategies for PyTorch on top of evochi.
+"""evochi_torch: Evolution Strategies for PyTorch on top of evochi.
 
-The pure ES maths (no networking, no global state besides a per-process noise-table cache):
+What a user writes code against (``from evochi_torch import ...``):
 
-* :mod:`~evochi_torch.config`: :class:`ESConfig`;
-* :mod:`~evochi_torch.noise`: shared noise table, per-epoch member offsets, perturbed
-  parameters on the evaluation device, streamed weighted noise sums;
-* :mod:`~evochi_torch.shaping`: fitness shaping and reward checks;
-* :mod:`~evochi_torch.optim`: functional SGD/Adam and the full :func:`es_step`;
-* :mod:`~evochi_torch.population`: one ``nn.Module`` evaluated for many members at once;
-* :mod:`~evochi_torch.codec`: state <-> bytes (safetensors + allow-listed pickle), checkpoints.
+* :class:`TorchESWorker` (subclass it: ``make_policy`` + ``score``), :class:`PopulationPolicy`
+  (what ``score`` receives), :class:`ESConfig`;
+* strategies: :func:`get_strategy`, :func:`register_strategy`, :class:`Strategy`
+  (``openai_es``, ``pgpe``, ``snes``, ``sep_cma``, ``ars``, ``cem``; see
+  :mod:`evochi_torch.strategies`);
+* center optimizers: :class:`Adam`, :class:`SGD`, :class:`ClipUp`;
+* checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`load_policy`,
+  :class:`TorchESState`;
+* errors: :class:`StateDecodeError`, :class:`NoiseMismatchError` (both
+  :class:`evochi.v1.EvochiError`\\ s).
+
+The pure maths (noise, shaping, optimizer steps, ask/tell) lives in
+:mod:`evochi_torch.functional`. The names this package exported before (``es_step``,
+``NoiseTable``, ``shape_fitness``...) still resolve here, forwarded to their home modules.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .codec import (
-    STATE_FORMAT,
     NoiseMismatchError,
     StateDecodeError,
     TorchESState,
-    check_noise,
-    decode_state,
-    encode_state,
-    initial_state,
-    library_versions,
     load_checkpoint,
     load_policy,
     save_checkpoint,
 )
 from .config import ESConfig
-from .noise import (
-    NOISE_FORMAT,
-    NoiseTable,
-    default_table_size,
-    epoch_offsets,
-    member_offsets,
-    noise_weighted_sum,
-    perturb_members,
-    perturbed_params,
-)
-from .optim import OptState, apply_update, es_gradient, es_step, init_optimizer_state
-from .population import (
-    ParamSpec,
-    PopulationPolicy,
-    flatten_params,
-    is_plain_mlp,
-    load_flat,
-    num_params,
-    param_layout,
-    unflatten_params,
-)
-from .shaping import centered_rank, check_rewards, raw, shape_fitness, zscore
+from .harness import RunConfig, RunResult, Trainer, train
+from .optim import SGD, Adam, ClipUp
+from .population import PopulationPolicy
+from .strategies import Strategy, get_strategy, register_strategy
+from .worker import TorchESWorker
 
 __all__ = [
-    "NOISE_FORMAT",
-    "STATE_FORMAT",
+    "SGD",
+    "Adam",
+    "ClipUp",
     "ESConfig",
     "NoiseMismatchError",
-    "NoiseTable",
-    "OptState",
-    "ParamSpec",
     "PopulationPolicy",
+    "RunConfig",
+    "RunResult",
     "StateDecodeError",
+    "Strategy",
     "TorchESState",
-    "apply_update",
-    "centered_rank",
-    "check_noise",
-    "check_rewards",
-    "decode_state",
-    "default_table_size",
-    "encode_state",
-    "epoch_offsets",
-    "es_gradient",
-    "es_step",
-    "flatten_params",
-    "init_optimizer_state",
-    "initial_state",
-    "is_plain_mlp",
-    "library_versions",
+    "TorchESWorker",
+    "Trainer",
+    "get_strategy",
     "load_checkpoint",
-    "load_flat",
     "load_policy",
-    "member_offsets",
-    "noise_weighted_sum",
-    "num_params",
-    "param_layout",
-    "perturb_members",
-    "perturbed_params",
-    "raw",
+    "register_strategy",
     "save_checkpoint",
-    "shape_fitness",
-    "unflatten_params",
-    "zscore",
+    "train",
 ]
 
-# --- worker (issue 3, TorchESWorker): the worker engineer appends its import/export here. ---
-from .worker import TorchESWorker, TorchStateCodec
+# Names of the pre-curation top level, forwarded (lazily) so existing code keeps working.
+_FORWARDED = {
+    "TorchStateCodec": "evochi_torch.worker",
+    **{name: "evochi_torch.functional" for name in (
+        "NOISE_FORMAT", "STATE_FORMAT", "NoiseTable", "OptState", "ParamSpec", "apply_update",
+        "centered_rank", "check_noise", "check_rewards", "decode_state", "default_table_size",
+        "encode_state", "epoch_offsets", "es_gradient", "es_step", "flatten_params",
+        "init_optimizer_state", "initial_state", "is_plain_mlp", "library_versions",
+        "load_flat", "member_offsets", "noise_weighted_sum", "num_params", "param_layout",
+        "perturb_members", "perturbed_params", "raw", "shape_fitness", "unflatten_params",
+        "zscore",
+    )},
+}  # fmt: skip
 
-__all__ += ["TorchESWorker", "TorchStateCodec"]
 
-# --- harness (issue 12): run directories, resume, loggers; `evochi_torch.train(...)`. ---
-from .harness import RunConfig, RunResult, Trainer, train  # noqa: E402
-
-__all__ += ["RunConfig", "RunResult", "Trainer", "train"]
+def __getattr__(name: str) -> Any:
+    module = _FORWARDED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evochi_torch' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -35,38 +35,58 @@ log = logging.getLogger("evochi_torch")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One optional flag per ESConfig field; unset flags keep the worker class's default."""
+    """One optional flag per ESConfig field, plus every strategy's own options (see
+    `evochi_torch.strategies.cli`); unset flags keep the worker class's default."""
+    from evochi_torch.strategies import STRATEGIES
+    from evochi_torch.strategies.cli import add_strategy_flags
+
     group = parser.add_argument_group(
         "ES hyper-parameters (override the worker class's default_config)"
     )
     hints = typing.get_type_hints(ESConfig)
+    flags = set()
     for f in dataclasses.fields(ESConfig):
-        if f.name in ("device",):
-            continue  # per worker: --devices
+        if f.name == "strategy_options":
+            continue  # one flag per option, below
         flag = "--" + f.name.replace("_", "-")
+        flags.add(flag)
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f"es_{f.name}", "default": None}
-        origin = typing.get_origin(hint)
+        kwargs["metavar"] = None if hint is bool else f.name.upper()
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is typing.Literal:
-            kwargs["choices"] = typing.get_args(hint)
-        elif origin is tuple:
+        elif typing.get_origin(hint) is tuple:
             kwargs.update(nargs=2, type=float, metavar=("B1", "B2"))
+        elif typing.get_origin(hint) is typing.Literal or f.name == "strategy":
+            kwargs["metavar"] = None
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif args and typing.get_origin(args[0]) is typing.Literal:  # Literal[...] | None
+            kwargs["choices"] = typing.get_args(args[0])
+            kwargs["metavar"] = None
         else:
-            scalar = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            kwargs["type"] = scalar[0]
+            kwargs["type"] = (args or [hint])[0]
         if f.name == "population_size":
             kwargs["help"] = "members per epoch (also the server's population size)"
+        elif f.name == "strategy":
+            kwargs["choices"] = sorted(STRATEGIES)
+            kwargs["help"] = "the ES strategy (docs/strategies.md); default: the class's"
+        elif f.name in ("learning_rate", "optimizer", "max_speed", "fitness_shaping"):
+            kwargs["help"] = "default: the worker class's default_config (None: the strategy's)"
         kwargs.setdefault("help", "default: the worker class's default_config")
         group.add_argument(flag, **kwargs)
+    add_strategy_flags(parser, flags)
 
 
 def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from evochi_torch.strategies.cli import strategy_overrides
+
     overrides = {}
     for key, value in vars(args).items():
         if key.startswith("es_") and value is not None:
             overrides[key[3:]] = tuple(value) if isinstance(value, list) else value
+    overrides.update(strategy_overrides(args))
     return overrides
 
 

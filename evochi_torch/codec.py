@@ -40,10 +40,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from evochi.v1.errors import EvochiError
+from evochi.v1.errors import StateDecodeError as _V1StateDecodeError
+
 from .config import ESConfig
 from .noise import NoiseTable
-from .optim import OptState, es_step, init_optimizer_state
+from .optim import OptState, es_step
 from .population import flatten_params, load_flat
+from .strategies import get_strategy
 
 __all__ = [
     "STATE_FORMAT",
@@ -70,11 +74,14 @@ _CHECKSUM_KEY = "evochi.checksum"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
-class StateDecodeError(ValueError):
-    """The bytes are not a valid, intact evochi-torch state (truncated, corrupt or unsafe)."""
+class StateDecodeError(_V1StateDecodeError):
+    """The bytes are not a valid, intact evochi-torch state (truncated, corrupt or unsafe).
+
+    A subclass of :class:`evochi.v1.StateDecodeError` (itself a ``ValueError``), so one
+    ``except`` catches undecodable states from any codec."""
 
 
-class NoiseMismatchError(RuntimeError):
+class NoiseMismatchError(EvochiError, RuntimeError):
     """This process's noise table differs from the one the training was started with."""
 
 
@@ -105,7 +112,10 @@ class TorchESState:
 
     Attributes:
         params: center parameters, float32 CPU ``[P]``.
-        opt_state: optimizer state (see :func:`evochi_torch.optim.init_optimizer_state`).
+        opt_state: the strategy state (``config.strategy``'s tensors: the center optimizer's
+            moments, per-parameter sigma, evolution paths...; see
+            :mod:`evochi_torch.strategies`). Stored as the ``opt.*`` tensors, so a state of
+            the OpenAI-ES release before the strategy seam is an ``openai_es`` state.
         epoch: the epoch whose perturbations are evaluated around ``params`` (0 at the start;
             :meth:`advance` with that epoch's rewards yields ``epoch + 1``).
         config: the run's :class:`ESConfig`.
@@ -123,6 +133,11 @@ class TorchESState:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+
+    @property
+    def strategy_state(self) -> OptState:
+        """Alias of :attr:`opt_state`."""
+        return self.opt_state
 
     def advance(self, rewards: np.ndarray | Any, table: NoiseTable) -> TorchESState:
         """The state after one ES step with this epoch's ``rewards`` (``[npop]``, member order).
@@ -157,7 +172,7 @@ def initial_state(
     params = params.detach().to(device="cpu", dtype=torch.float32).reshape(-1).clone()
     return TorchESState(
         params=params,
-        opt_state=init_optimizer_state(config, params.numel()),
+        opt_state=get_strategy(config.strategy).init(config, params),
         epoch=0,
         config=config,
         noise_fingerprint=table.fingerprint,
@@ -360,8 +375,9 @@ def _build_state(obj: Any, tensors: dict[str, torch.Tensor]) -> TorchESState:
     if not isinstance(config, ESConfig):
         raise StateDecodeError(f"state metadata config is {type(config).__name__}, not ESConfig")
     try:
-        # Unpickling bypasses __post_init__; rebuilding re-validates every field.
-        config = ESConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ESConfig)})
+        # Unpickling bypasses __post_init__; rebuilding re-validates every field, fills the
+        # fields added since an older release wrote the state and drops removed ones (device).
+        config = ESConfig.from_legacy(config)
     except (AttributeError, TypeError, ValueError) as exc:
         raise StateDecodeError(f"state metadata holds an invalid ESConfig: {exc}") from None
     if not isinstance(fingerprint, str) or not isinstance(versions, dict):

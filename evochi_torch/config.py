@@ -8,55 +8,71 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["ESConfig"]
 
-_OPTIMIZERS = ("adam", "sgd")
-_SHAPINGS = ("centered_rank", "zscore", "raw")
+_OPTIMIZERS = ("adam", "sgd", "clipup")
+_SHAPINGS = ("centered_rank", "zscore", "raw", "nes")
 
 
 @dataclass(frozen=True)
 class ESConfig:
-    """Settings of an OpenAI-style ES run (antithetic Gaussian perturbations, shaped fitness).
+    """Settings of one ES run: the strategy, its population and its hyper-parameters.
+
+    Fields left at ``None`` take the strategy's default (see ``docs/strategies.md``), so
+    ``ESConfig(strategy="pgpe", population_size=200)`` is PGPE with ClipUp as in pgpelib, and
+    ``ESConfig(population_size=200)`` is today's OpenAI-ES with Adam, bit for bit.
 
     Attributes:
         population_size: members per epoch (must equal the server's population size).
             Must be even when ``antithetic`` is on: member ``2k`` and ``2k+1`` form a pair.
-        sigma: standard deviation of the parameter perturbations.
-        learning_rate: optimizer step size (the update *ascends* the fitness).
-        optimizer: ``"adam"`` or ``"sgd"`` (SGD with ``momentum``, PyTorch convention:
-            ``v = momentum * v + g; theta += lr * v``).
-        momentum: SGD momentum in ``[0, 1)``; 0 gives plain SGD.
+        strategy: a name from :data:`evochi_torch.strategies.STRATEGIES` (``"openai_es"``,
+            ``"pgpe"``, ``"snes"``, ``"sep_cma"``, ``"ars"``, ``"cem"``).
+        strategy_options: the strategy's own options (plain data, e.g.
+            ``{"elite_fraction": 0.2}`` for CEM); unknown keys are refused with the list of
+            valid ones.
+        sigma: (initial) standard deviation of the parameter perturbations.
+        learning_rate: the center's step size; ``None``: the strategy's default (OpenAI-ES
+            0.01, PGPE 0.15, SNES/sep-CMA-ES/CEM 1.0, ARS 0.02).
+        optimizer: center optimizer of the gradient strategies (openai_es, pgpe, ars):
+            ``"adam"``, ``"sgd"`` (SGD with ``momentum``, PyTorch convention:
+            ``v = momentum * v + g; theta += lr * v``) or ``"clipup"``; ``None``: the
+            strategy's default (adam, clipup, plain gradient step respectively).
+        momentum: SGD / ClipUp momentum in ``[0, 1)``; 0 gives plain SGD.
+        max_speed: ClipUp's velocity bound; ``None`` is ``2 * learning_rate``.
         betas: Adam's ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: Adam's denominator epsilon (> 0).
         weight_decay: *decoupled* weight decay (AdamW style, also for SGD):
             ``theta <- theta * (1 - lr * weight_decay) + lr * step``. Decoupled rather than L2
             so that its strength does not depend on Adam's per-coordinate scaling.
         antithetic: mirrored sampling; member ``2k`` gets ``+eps_k`` and ``2k+1`` gets ``-eps_k``.
-        fitness_shaping: ``"centered_rank"`` (default, ranks mapped to ``[-0.5, 0.5]``),
-            ``"zscore"`` or ``"raw"``.
+        fitness_shaping: ``"centered_rank"`` (ranks mapped to ``[-0.5, 0.5]``),
+            ``"zscore"``, ``"raw"`` or ``"nes"`` (NES utilities); ``None``: the strategy's
+            default (centered_rank for openai_es/pgpe, nes for snes, raw for the selection
+            strategies sep_cma/cem and for ars, whose reward-std scaling needs raw rewards).
         seed: seeds the noise table and the per-epoch noise offsets.
-        device: device on which perturbed parameters are built and policies evaluated
-            (e.g. ``"cpu"``, ``"cuda:0"``). Parameters and optimizer state always stay on CPU.
         noise_table_size: number of float32 values in the shared noise table; ``None`` picks
             one from the parameter count (see :func:`evochi_torch.noise.default_table_size`).
         nan_penalty: ``None`` raises on NaN/inf rewards; a finite number replaces them.
     """
 
     population_size: int
+    strategy: str = "openai_es"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
     sigma: float = 0.02
-    learning_rate: float = 0.01
-    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float | None = None
+    optimizer: Literal["adam", "sgd", "clipup"] | None = None
     momentum: float = 0.9
+    max_speed: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     antithetic: bool = True
-    fitness_shaping: Literal["centered_rank", "zscore", "raw"] = "centered_rank"
+    fitness_shaping: Literal["centered_rank", "zscore", "raw", "nes"] | None = None
     seed: int = 0
-    device: str = "cpu"
     noise_table_size: int | None = None
     nan_penalty: float | None = None
 
@@ -74,8 +90,11 @@ class ESConfig:
         if self.antithetic and self.population_size < 2:
             raise ValueError("ESConfig.population_size must be >= 2 with antithetic sampling")
         _check_float("sigma", self.sigma, positive=True)
-        _check_float("learning_rate", self.learning_rate, positive=True)
-        if self.optimizer not in _OPTIMIZERS:
+        if self.learning_rate is not None:
+            _check_float("learning_rate", self.learning_rate, positive=True)
+        if self.max_speed is not None:
+            _check_float("max_speed", self.max_speed, positive=True)
+        if self.optimizer is not None and self.optimizer not in _OPTIMIZERS:
             raise ValueError(
                 f"ESConfig.optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}"
             )
@@ -92,24 +111,59 @@ class ESConfig:
         _check_float("weight_decay", self.weight_decay)
         if self.weight_decay < 0:
             raise ValueError(f"ESConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.learning_rate * self.weight_decay >= 1.0:
+        if not isinstance(self.strategy_options, Mapping):
+            raise ValueError(
+                f"ESConfig.strategy_options must be a mapping, got {self.strategy_options!r}"
+            )
+        # A plain dict: it is pickled into the training state's metadata (allow-listed).
+        object.__setattr__(self, "strategy_options", dict(self.strategy_options))
+        from .strategies import get_strategy
+
+        strategy = get_strategy(self.strategy)  # ValueError naming the known strategies
+        strategy.check_config(self)
+        lr = self.lr
+        if lr * self.weight_decay >= 1.0:
             raise ValueError(
                 "ESConfig.learning_rate * weight_decay must be < 1 (decoupled decay multiplies "
-                f"the parameters by 1 - lr * wd), got {self.learning_rate * self.weight_decay}"
+                f"the parameters by 1 - lr * wd), got {lr * self.weight_decay}"
             )
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"ESConfig.antithetic must be a bool, got {self.antithetic!r}")
-        if self.fitness_shaping not in _SHAPINGS:
+        if self.fitness_shaping is not None and self.fitness_shaping not in _SHAPINGS:
             raise ValueError(
                 f"ESConfig.fitness_shaping must be one of {_SHAPINGS}, got {self.fitness_shaping!r}"
             )
         _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"ESConfig.device must be a device string, got {self.device!r}")
         if self.noise_table_size is not None:
             _check_int("noise_table_size", self.noise_table_size, minimum=2)
         if self.nan_penalty is not None:
             _check_float("nan_penalty", self.nan_penalty)
+
+    # Effective values: the field, or the strategy's default where it is None.
+    @property
+    def lr(self) -> float:
+        """The effective center learning rate."""
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        from .strategies import get_strategy
+
+        return get_strategy(self.strategy).default_learning_rate
+
+    @property
+    def shaping(self) -> str:
+        """The effective fitness shaping name."""
+        if self.fitness_shaping is not None:
+            return self.fitness_shaping
+        from .strategies import get_strategy
+
+        return get_strategy(self.strategy).default_shaping
+
+    def __hash__(self) -> int:  # strategy_options is a dict: hash its sorted items
+        values = tuple(
+            tuple(sorted(v.items())) if isinstance(v, dict) else v
+            for v in (getattr(self, f.name) for f in dataclasses.fields(self))
+        )
+        return hash(values)
 
     def replace(self, **changes: Any) -> ESConfig:
         """A copy with some fields changed (validated again)."""
@@ -118,6 +172,19 @@ class ESConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data view (JSON-friendly except that ``betas`` is a tuple)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_legacy(cls, obj: object) -> ESConfig:
+        """Rebuild (and re-validate) a config unpickled from any release's state.
+
+        Fields added since are given their defaults (which reproduce the old behaviour);
+        fields removed since (``device``, now a worker setting) are dropped.
+        """
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in vars(obj):
+                values[f.name] = vars(obj)[f.name]
+        return cls(**values)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -261,15 +261,17 @@ def perturb_members(
     epoch: int,
     members: Members,
     device: torch.device | str | None = None,
+    sigma: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Parameters ``[len(members), P]`` of some members of ``epoch``, on ``config.device``.
+    """Parameters ``[len(members), P]`` of some members of ``epoch``, on ``device``.
 
     The one call an evaluator needs: :func:`epoch_offsets` + :func:`perturbed_params` with the
-    run's sigma. ``device`` overrides ``config.device``.
+    run's sigma. For a strategy whose sigma is a state (pgpe, snes, sep_cma, cem) pass its
+    ``strategy.scale(config, state)`` as ``sigma``. ``device=None``: ``center``'s device.
     """
     offsets, signs = epoch_offsets(config, epoch, center.numel(), table)
-    device = config.device if device is None else device
-    return perturbed_params(center, table, offsets, signs, config.sigma, members, device)
+    scale = config.sigma if sigma is None else sigma
+    return perturbed_params(center, table, offsets, signs, scale, members, device)
 
 
 def _as_index(members: Members, population_size: int) -> torch.Tensor:
@@ -287,14 +289,15 @@ def perturbed_params(
     table: NoiseTable,
     offsets: torch.Tensor,
     signs: torch.Tensor,
-    sigma: float,
+    sigma: float | torch.Tensor,
     members: Members,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Parameters of the requested members, built on ``device``: ``[len(members), P]`` float32.
 
     Row ``b`` is ``center + sigma * signs[m] * table[offsets[m] : offsets[m] + P]`` with
-    ``m = members[b]``. ``members`` may be any list/range/tensor of member indices (e.g. a slice
+    ``m = members[b]``; ``sigma`` is a float or a per-parameter float32 ``[P]`` tensor.
+    ``members`` may be any list/range/tensor of member indices (e.g. a slice
     of the population that splits an antithetic pair). Only these rows are materialised; the
     table is copied to ``device`` once and cached. ``device=None`` uses ``center``'s device.
     """
@@ -308,9 +311,18 @@ def perturbed_params(
     data = table.to(device)
     # All windows of length P as one overlapping view: gathering rows is a single kernel.
     windows = data.as_strided((table.size - num_params + 1, num_params), (1, 1))
-    rows = windows[offsets[idx].to(device)]
-    scale = (signs[idx].to(torch.float32) * sigma).to(device)
-    rows.mul_(scale[:, None]).add_(center.to(device=device, dtype=torch.float32)[None, :])
+    # index_select, not windows[idx]: advanced indexing of the overlapping view costs O(T).
+    rows = windows.index_select(0, offsets[idx].to(device))
+    if isinstance(sigma, torch.Tensor):
+        if sigma.shape != (num_params,):
+            raise ValueError(f"sigma must be a float or a [P] tensor, got {tuple(sigma.shape)}")
+        # Signs are +/-1, so sign * (sigma * eps) is exact in any order.
+        rows.mul_(sigma.to(device=device, dtype=torch.float32)[None, :])
+        rows.mul_(signs[idx].to(device=device, dtype=torch.float32)[:, None])
+    else:
+        scale = (signs[idx].to(torch.float32) * sigma).to(device)
+        rows.mul_(scale[:, None])
+    rows.add_(center.to(device=device, dtype=torch.float32)[None, :])
     return rows
 
 

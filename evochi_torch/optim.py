@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,30 +26,33 @@ from .noise import NoiseTable, epoch_offsets, noise_weighted_sum
 from .shaping import shape_fitness
 
 __all__ = [
+    "OPTIMIZERS",
+    "SGD",
+    "Adam",
+    "ClipUp",
     "OptState",
+    "Optimizer",
+    "adam_step",
     "apply_update",
+    "clipup_step",
     "es_gradient",
     "es_step",
     "init_optimizer_state",
+    "make_optimizer",
+    "norm64",
+    "sgd_step",
 ]
 
 OptState = dict[str, torch.Tensor]
 
 
 def init_optimizer_state(config: ESConfig, num_params: int) -> OptState:
-    """Fresh optimizer state for ``num_params`` parameters.
+    """Fresh center-optimizer state for ``num_params`` parameters.
 
-    Adam: ``{"step", "exp_avg", "exp_avg_sq"}``; SGD: ``{"step", "momentum_buffer"}``
-    (``[P]`` float32 zeros, ``step`` a 0-dim int64 tensor).
+    Adam: ``{"step", "exp_avg", "exp_avg_sq"}``; SGD: ``{"step", "momentum_buffer"}``;
+    ClipUp: ``{"step", "velocity"}`` (``[P]`` float32 zeros, ``step`` a 0-dim int64 tensor).
     """
-    step = torch.zeros((), dtype=torch.int64)
-    if config.optimizer == "adam":
-        return {
-            "step": step,
-            "exp_avg": torch.zeros(num_params, dtype=torch.float32),
-            "exp_avg_sq": torch.zeros(num_params, dtype=torch.float32),
-        }
-    return {"step": step, "momentum_buffer": torch.zeros(num_params, dtype=torch.float32)}
+    return make_optimizer(config).init(num_params)
 
 
 def es_gradient(
@@ -67,7 +72,7 @@ def es_gradient(
         raise ValueError(
             f"got {r.size} rewards for a population of {config.population_size} members"
         )
-    weights = shape_fitness(r, config.fitness_shaping)
+    weights = shape_fitness(r, config.shaping)
     offsets, signs = epoch_offsets(config, epoch, num_params, table)
     scale = 1.0 / (config.population_size * config.sigma)
     return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
@@ -89,22 +94,103 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def apply_update(
-    params: torch.Tensor, grad: torch.Tensor, opt_state: OptState, config: ESConfig
+def adam_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    state: OptState,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> tuple[torch.Tensor, OptState]:
-    """One optimizer step that *ascends* along ``grad``. Returns ``(new_params, new_state)``.
-
-    Adam (bias-corrected, as ``torch.optim.Adam`` but ascending)::
+    """Functional Adam that *ascends* ``grad`` (bias-corrected, decoupled weight decay)::
 
         m = b1 * m + (1 - b1) * g;   v = b2 * v + (1 - b2) * g * g
         theta = theta * (1 - lr * wd) + (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-    SGD with momentum (PyTorch convention, no dampening)::
+    State keys: ``step``, ``exp_avg``, ``exp_avg_sq``. Inputs are not modified.
+    """
+    params, grad = _check_pair(params, grad)
+    step = int(state["step"]) + 1
+    b1, b2 = betas
+    m = _require(state, "exp_avg", params)
+    v = _require(state, "exp_avg_sq", params)
+    m = torch.mul(m, _f32(b1)).add_(torch.mul(grad, _f32(1.0 - b1)))
+    v = torch.mul(v, _f32(b2)).add_(torch.mul(grad, grad).mul_(_f32(1.0 - b2)))
+    bias1 = 1.0 - _powi(b1, step)
+    bias2 = 1.0 - _powi(b2, step)
+    denom = torch.sqrt(v).div_(_f32(math.sqrt(bias2))).add_(_f32(eps))
+    update = torch.div(m, denom).mul_(_f32(lr / bias1))
+    new_state = {"step": torch.tensor(step, dtype=torch.int64), "exp_avg": m, "exp_avg_sq": v}
+    return _decayed(params, update, lr, weight_decay), new_state
+
+
+def sgd_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    state: OptState,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> tuple[torch.Tensor, OptState]:
+    """Functional SGD with momentum that *ascends* ``grad`` (PyTorch convention)::
 
         buf = momentum * buf + g;    theta = theta * (1 - lr * wd) + lr * buf
 
-    ``params``, ``grad``: float32 CPU ``[P]``; inputs are not modified.
+    State keys: ``step``, ``momentum_buffer``. Inputs are not modified.
     """
+    params, grad = _check_pair(params, grad)
+    step = int(state["step"]) + 1
+    buf = _require(state, "momentum_buffer", params)
+    buf = torch.mul(buf, _f32(momentum)).add_(grad)
+    update = torch.mul(buf, _f32(lr))
+    new_state = {"step": torch.tensor(step, dtype=torch.int64), "momentum_buffer": buf}
+    return _decayed(params, update, lr, weight_decay), new_state
+
+
+def clipup_step(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    state: OptState,
+    *,
+    lr: float,
+    max_speed: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> tuple[torch.Tensor, OptState]:
+    """Functional ClipUp (Toklu et al. 2020) that *ascends* ``grad``::
+
+        v = momentum * v + lr * g / ||g||;   v = v * min(1, max_speed / ||v||)
+        theta = theta * (1 - lr * wd) + v
+
+    ``max_speed=None`` uses ``2 * lr`` (the paper's and EvoTorch's rule of thumb). Norms are
+    float64 numpy reductions (the same bits for every thread count). State keys: ``step``,
+    ``velocity``.
+    """
+    params, grad = _check_pair(params, grad)
+    step = int(state["step"]) + 1
+    max_speed = 2.0 * lr if max_speed is None else max_speed
+    vel = _require(state, "velocity", params)
+    gnorm = norm64(grad)
+    vel = torch.mul(vel, _f32(momentum))
+    if gnorm > 0.0:
+        vel.add_(torch.mul(grad, _f32(lr / gnorm)))
+    vnorm = norm64(vel)
+    if vnorm > max_speed:
+        vel.mul_(_f32(max_speed / vnorm))
+    new_state = {"step": torch.tensor(step, dtype=torch.int64), "velocity": vel}
+    return _decayed(params, vel, lr, weight_decay), new_state
+
+
+def norm64(x: torch.Tensor) -> float:
+    """Euclidean norm in float64 (numpy pairwise sum: independent of torch's thread count)."""
+    a = x.detach().cpu().numpy().astype(np.float64)
+    return math.sqrt(float(np.sum(a * a)))
+
+
+def _check_pair(params: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if params.shape != grad.shape or params.dim() != 1:
         raise ValueError(
             f"params and grad must be flat tensors of equal shape, got {tuple(params.shape)} "
@@ -112,37 +198,110 @@ def apply_update(
         )
     if params.dtype != torch.float32 or grad.dtype != torch.float32:
         raise ValueError("params and grad must be float32")
-    params = params.cpu()
-    grad = grad.cpu()
-    step = int(opt_state["step"]) + 1
-    lr = config.learning_rate
-    new_state: OptState = {"step": torch.tensor(step, dtype=torch.int64)}
+    return params.cpu(), grad.cpu()
 
-    if config.optimizer == "adam":
-        b1, b2 = config.betas
-        m = _require(opt_state, "exp_avg", params)
-        v = _require(opt_state, "exp_avg_sq", params)
-        m = torch.mul(m, _f32(b1)).add_(torch.mul(grad, _f32(1.0 - b1)))
-        v = torch.mul(v, _f32(b2)).add_(torch.mul(grad, grad).mul_(_f32(1.0 - b2)))
-        bias1 = 1.0 - _powi(b1, step)
-        bias2 = 1.0 - _powi(b2, step)
-        denom = torch.sqrt(v).div_(_f32(math.sqrt(bias2))).add_(_f32(config.eps))
-        update = torch.div(m, denom).mul_(_f32(lr / bias1))
-        new_state["exp_avg"] = m
-        new_state["exp_avg_sq"] = v
-    elif config.optimizer == "sgd":
-        buf = _require(opt_state, "momentum_buffer", params)
-        buf = torch.mul(buf, _f32(config.momentum)).add_(grad)
-        update = torch.mul(buf, _f32(lr))
-        new_state["momentum_buffer"] = buf
-    else:  # pragma: no cover - ESConfig validates
-        raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
-    if config.weight_decay:
-        new_params = torch.mul(params, _f32(1.0 - lr * config.weight_decay)).add_(update)
-    else:
-        new_params = torch.add(params, update)
-    return new_params, new_state
+def _decayed(params: torch.Tensor, update: torch.Tensor, lr: float, wd: float) -> torch.Tensor:
+    if wd:
+        return torch.mul(params, _f32(1.0 - lr * wd)).add_(update)
+    return torch.add(params, update)
+
+
+class Optimizer:
+    """A center optimizer, torch.optim style but functional: hyper-parameters live in the
+    object, the state is passed in and returned (``dict[str, Tensor]``, safetensors-ready).
+
+    ``init(num_params)`` gives a fresh state; ``step(params, grad, state)`` ascends ``grad``
+    and returns ``(new_params, new_state)`` without modifying its inputs.
+    """
+
+    name: ClassVar[str] = ""
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def init(self, num_params: int) -> OptState:
+        state: OptState = {"step": torch.zeros((), dtype=torch.int64)}
+        for key in self.state_keys:
+            state[key] = torch.zeros(num_params, dtype=torch.float32)
+        return state
+
+    def step(
+        self, params: torch.Tensor, grad: torch.Tensor, state: OptState
+    ) -> tuple[torch.Tensor, OptState]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Adam(Optimizer):
+    """Adam (ascending); functional twin :func:`adam_step`."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    name: ClassVar[str] = "adam"
+    state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+
+    def step(self, params, grad, state):
+        return adam_step(
+            params, grad, state, lr=self.lr, betas=self.betas, eps=self.eps,
+            weight_decay=self.weight_decay,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SGD(Optimizer):
+    """SGD with momentum (ascending); functional twin :func:`sgd_step`."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    name: ClassVar[str] = "sgd"
+    state_keys: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    def step(self, params, grad, state):
+        return sgd_step(
+            params, grad, state, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClipUp(Optimizer):
+    """ClipUp (ascending); functional twin :func:`clipup_step`."""
+
+    lr: float
+    max_speed: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    name: ClassVar[str] = "clipup"
+    state_keys: ClassVar[tuple[str, ...]] = ("velocity",)
+
+    def step(self, params, grad, state):
+        return clipup_step(
+            params, grad, state, lr=self.lr, max_speed=self.max_speed, momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )  # fmt: skip
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "sgd": SGD, "clipup": ClipUp}
+
+
+def make_optimizer(config: ESConfig) -> Optimizer:
+    """The center optimizer ``config`` asks for (its strategy's default when unset)."""
+    from .strategies import get_strategy
+
+    return get_strategy(config.strategy).make_optimizer(config)
+
+
+def apply_update(
+    params: torch.Tensor, grad: torch.Tensor, opt_state: OptState, config: ESConfig
+) -> tuple[torch.Tensor, OptState]:
+    """One step of ``config``'s center optimizer that *ascends* ``grad``.
+
+    See :func:`adam_step`, :func:`sgd_step` and :func:`clipup_step`. ``params``, ``grad``:
+    float32 CPU ``[P]``; inputs are not modified.
+    """
+    return make_optimizer(config).step(params, grad, opt_state)
 
 
 def _require(state: OptState, key: str, params: torch.Tensor) -> torch.Tensor:
@@ -168,11 +327,14 @@ def es_step(
     table: NoiseTable,
     config: ESConfig,
 ) -> tuple[torch.Tensor, OptState]:
-    """One full ES update: shape ``rewards`` -> streamed weighted noise sum -> optimizer step.
+    """One full update of ``config.strategy`` (OpenAI-ES by default: shape ``rewards`` ->
+    streamed weighted noise sum -> optimizer step).
 
     ``params``: the center (float32 CPU ``[P]``) whose perturbations were evaluated in
-    ``epoch``; ``rewards``: ``[npop]`` finite rewards in member order. Returns the next center
-    and optimizer state; bit-identical in every process given the same inputs.
+    ``epoch``; ``opt_state``: the strategy state; ``rewards``: ``[npop]`` finite rewards in
+    member order. Returns the next center and state; bit-identical in every process given the
+    same inputs.
     """
-    grad = es_gradient(rewards, epoch, table, config, params.numel())
-    return apply_update(params, grad, opt_state, config)
+    from .strategies import get_strategy
+
+    return get_strategy(config.strategy).update(params, opt_state, rewards, epoch, table, config)

@@ -8,14 +8,22 @@ their average rank (symmetric, no dependence on sort stability).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["centered_rank", "check_rewards", "raw", "shape_fitness", "zscore"]
+__all__ = [
+    "SHAPINGS",
+    "centered_rank",
+    "check_rewards",
+    "nes_utilities",
+    "raw",
+    "shape_fitness",
+    "zscore",
+]
 
-ShapingMethod = Literal["centered_rank", "zscore", "raw"]
+ShapingMethod = Literal["centered_rank", "zscore", "raw", "nes"]
 
 
 def _as_rewards(rewards: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -63,13 +71,42 @@ def raw(rewards: np.ndarray | Sequence[float]) -> np.ndarray:
     return _as_rewards(rewards)
 
 
-_METHODS = {"centered_rank": centered_rank, "zscore": zscore, "raw": raw}
+def nes_utilities(rewards: np.ndarray | Sequence[float]) -> np.ndarray:
+    """NES utilities (Wierstra et al. 2014): the member of rank ``k`` (1 = highest reward)
+    gets ``max(0, ln(n/2 + 1) - ln k) / sum_j max(0, ln(n/2 + 1) - ln j) - 1/n``.
+
+    Tied rewards share the mean utility of their ranks. float64 ``[n]``, summing to 0.
+    """
+    r = _as_rewards(rewards)
+    n = r.size
+    if n <= 1:
+        return np.zeros(n, dtype=np.float64)
+    raw_u = np.maximum(0.0, np.log(n / 2.0 + 1.0) - np.log(np.arange(1, n + 1, dtype=np.float64)))
+    by_rank = raw_u / math.fsum(raw_u.tolist()) - 1.0 / n
+    # by_rank[k] belongs to the k-th highest reward; tie groups share their ranks' mean.
+    _, inverse, counts = np.unique(-r, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    group_mean = np.array(
+        [math.fsum(by_rank[s : s + c].tolist()) / c for s, c in zip(starts, counts, strict=True)]
+    )
+    return group_mean[inverse.reshape(-1)]
+
+
+_METHODS = {"centered_rank": centered_rank, "zscore": zscore, "raw": raw, "nes": nes_utilities}
+SHAPINGS = tuple(_METHODS)
 
 
 def shape_fitness(
-    rewards: np.ndarray | Sequence[float], method: ShapingMethod = "centered_rank"
+    rewards: np.ndarray | Sequence[float],
+    method: ShapingMethod | Callable[[np.ndarray], np.ndarray] = "centered_rank",
 ) -> np.ndarray:
-    """Dispatch on ``method`` (``"centered_rank"``, ``"zscore"`` or ``"raw"``)."""
+    """Dispatch on ``method`` (``"centered_rank"``, ``"zscore"``, ``"raw"``, ``"nes"``), or
+    call it when it is a function (float64 rewards in, ``[n]`` weights out)."""
+    if callable(method):
+        out = np.asarray(method(_as_rewards(rewards)), dtype=np.float64).reshape(-1)
+        if out.size != np.size(rewards) or not np.all(np.isfinite(out)):
+            raise ValueError("a fitness shaping function must return one finite value per reward")
+        return out
     try:
         fn = _METHODS[method]
     except KeyError:

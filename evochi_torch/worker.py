@@ -1,10 +1,11 @@
-"""TorchESWorker: OpenAI-style ES for a PyTorch policy, as an Evochi worker.
+"""TorchESWorker: ES (any strategy of `evochi_torch.strategies`) for a PyTorch policy, as an
+Evochi worker.
 
 A subclass names the policy (`make_policy`) and how to score a batch of population
 members (`score`); this class does the rest:
 
 * the center parameters are one flat float32 CPU tensor, updated by the pure functions of
-  `evochi_torch.optim` so that every worker computes the same bits;
+  the config's strategy (`evochi_torch.strategies`) so that every worker computes the same bits;
 * member i's perturbation comes from the shared noise table at an offset that is a pure
   function of (seed, epoch, i): nothing but rewards crosses the wire;
 * the members of a task are built on the evaluation device in one go and run as one batch
@@ -30,11 +31,9 @@ from .config import ESConfig
 from .noise import NoiseTable, member_offsets, perturbed_params
 from .population import PopulationPolicy, flatten_params, load_flat
 from .shaping import check_rewards
+from .strategies import get_strategy
 
 log = logging.getLogger("evochi_torch.worker")
-
-# Fields of ESConfig that belong to one worker rather than to the training.
-_LOCAL_FIELDS = ("device",)
 
 
 class TorchStateCodec:
@@ -54,9 +53,10 @@ class TorchESWorker(Worker[TorchESState]):
         channel: a `grpc.aio` channel or a "host:port" address.
         cores: members evaluated per task at most (the device batch size).
         config: ES hyper-parameters; defaults to the class's `default_config`. A worker
-            that joins a running training adopts the training's config from the state
-            (only `device` stays its own).
-        device: overrides `config.device` for this worker (e.g. "cuda:1").
+            that joins a running training adopts the training's config from the state.
+        device: where this worker builds perturbed parameters and evaluates policies
+            (e.g. "cuda:1"; default "cpu"). A worker setting: it is not part of the config
+            that travels in the training state; the center and strategy state stay on CPU.
         **kwargs: passed to `evochi.v1.Worker` (reconnect, join_token, ...).
     """
 
@@ -77,12 +77,10 @@ class TorchESWorker(Worker[TorchESState]):
             raise TypeError(
                 f"{type(self).__name__} needs an ESConfig: pass config= or set default_config"
             )
-        if device is not None:
-            config = config.replace(device=str(device))
         kwargs.setdefault("codec", TorchStateCodec())
         super().__init__(channel, cores, **kwargs)
         self._config = config
-        self.device = torch.device(config.device)
+        self.device = torch.device("cpu" if device is None else device)
         self._module: nn.Module | None = None
         self._table: NoiseTable | None = None
         self._offsets: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -108,7 +106,7 @@ class TorchESWorker(Worker[TorchESState]):
     # ------------------------------------------------------------------ accessors
     @property
     def config(self) -> ESConfig:
-        """The training's ES config (from the state once joined), with this worker's device."""
+        """The training's ES config (from the state once joined)."""
         return self._config
 
     @property
@@ -152,17 +150,15 @@ class TorchESWorker(Worker[TorchESState]):
             params = flatten_params(self.make_policy())
         table = NoiseTable.for_params(config.seed, params.numel(), config.noise_table_size)
         self._table = table
-        return initial_state(params, config.replace(device="cpu"), table)
+        return initial_state(params, config, table)
 
     def on_state_change(self, state: TorchESState) -> None:
-        shared = state.config
-        mine = {k: getattr(self._config, k) for k in _LOCAL_FIELDS}
-        adopted = shared.replace(**mine)
+        adopted = state.config
         if adopted != self._config:
             differing = [
-                f"{k}={getattr(shared, k)!r}"
-                for k in shared.to_dict()
-                if k not in _LOCAL_FIELDS and getattr(shared, k) != getattr(self._config, k)
+                f"{k}={getattr(adopted, k)!r}"
+                for k in adopted.to_dict()
+                if getattr(adopted, k) != getattr(self._config, k)
             ]
             log.warning("adopting the training's config (%s)", ", ".join(differing))
             self._table = None
@@ -175,14 +171,9 @@ class TorchESWorker(Worker[TorchESState]):
         state = self.state
         members = torch.cat([torch.arange(s.start, s.stop) for s in slices])
         offsets, signs = self._member_offsets(state.epoch, state.params.numel())
+        scale = get_strategy(self._config.strategy).scale(self._config, state.opt_state)
         params = perturbed_params(
-            state.params,
-            self.noise_table(),
-            offsets,
-            signs,
-            self._config.sigma,
-            members,
-            device=self.device,
+            state.params, self.noise_table(), offsets, signs, scale, members, device=self.device
         )
         policy = PopulationPolicy(self.module, params)
         with torch.no_grad():

@@ -8,9 +8,11 @@ from evochi_torch import ESConfig
 def test_defaults_are_valid_and_documented_values():
     cfg = ESConfig(population_size=8)
     assert cfg.sigma == 0.02
-    assert cfg.optimizer == "adam"
+    assert cfg.strategy == "openai_es" and cfg.strategy_options == {}
+    # None defaults resolve to the strategy's: OpenAI-ES with Adam, lr 0.01, centered ranks.
+    assert cfg.optimizer is None and cfg.fitness_shaping is None and cfg.learning_rate is None
+    assert (cfg.lr, cfg.shaping) == (0.01, "centered_rank")
     assert cfg.antithetic is True
-    assert cfg.fitness_shaping == "centered_rank"
     assert cfg.noise_table_size is None
     assert cfg.nan_penalty is None
 
@@ -47,7 +49,9 @@ def test_betas_list_is_normalised():
         ("weight_decay", 1000.0, "weight_decay"),
         ("fitness_shaping", "rank", "fitness_shaping"),
         ("seed", -1, "seed"),
-        ("device", "", "device"),
+        ("strategy", "cma", "known strategies"),
+        ("strategy_options", {"x": 1}, "unknown option"),
+        ("max_speed", 0.0, "max_speed"),
         ("noise_table_size", 1, "noise_table_size"),
         ("nan_penalty", float("inf"), "nan_penalty"),
         ("antithetic", 1, "antithetic"),
