@@ -4,12 +4,13 @@ What a user writes code against (``from evochi_torch import ...``):
 
 * :class:`TorchESWorker` (subclass it: ``make_policy`` + ``score``), :class:`PopulationPolicy`
   (what ``score`` receives), :class:`ESConfig`;
-* strategies: :func:`get_strategy`, :func:`register_strategy`, :class:`Strategy`
-  (``openai_es``, ``pgpe``, ``snes``, ``sep_cma``, ``ars``, ``cem``; see
-  :mod:`evochi_torch.strategies`);
+* strategies: :func:`get_strategy` (``openai_es``, ``pgpe``, ``snes``, ``sep_cma``, ``ars``,
+  ``cem``; writing one: :mod:`evochi_torch.strategies`, ``Strategy``, ``register_strategy``);
 * center optimizers: :class:`Adam`, :class:`SGD`, :class:`ClipUp`;
 * checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`load_policy`,
   :class:`TorchESState`;
+* training with a run directory: :func:`train`, :class:`Trainer`, :class:`RunConfig`
+  (:mod:`evochi_torch.harness`); gymnasium tasks: :mod:`evochi_torch.gym`;
 * errors: :class:`StateDecodeError`, :class:`NoiseMismatchError` (both
   :class:`evochi.v1.EvochiError`\\ s).
 
@@ -32,10 +33,10 @@ from .codec import (
     save_checkpoint,
 )
 from .config import ESConfig
-from .harness import RunConfig, RunResult, Trainer, train
+from .harness import RunConfig, Trainer, train
 from .optim import SGD, Adam, ClipUp
 from .population import PopulationPolicy
-from .strategies import Strategy, get_strategy, register_strategy
+from .strategies import get_strategy
 from .worker import TorchESWorker
 
 __all__ = [
@@ -46,16 +47,13 @@ __all__ = [
     "NoiseMismatchError",
     "PopulationPolicy",
     "RunConfig",
-    "RunResult",
     "StateDecodeError",
-    "Strategy",
     "TorchESState",
     "TorchESWorker",
     "Trainer",
     "get_strategy",
     "load_checkpoint",
     "load_policy",
-    "register_strategy",
     "save_checkpoint",
     "train",
 ]
@@ -63,6 +61,9 @@ __all__ = [
 # Names of the pre-curation top level, forwarded (lazily) so existing code keeps working.
 _FORWARDED = {
     "TorchStateCodec": "evochi_torch.worker",
+    "Strategy": "evochi_torch.strategies",
+    "register_strategy": "evochi_torch.strategies",
+    "RunResult": "evochi_torch.harness",
     **{name: "evochi_torch.functional" for name in (
         "NOISE_FORMAT", "STATE_FORMAT", "NoiseTable", "OptState", "ParamSpec", "apply_update",
         "centered_rank", "check_noise", "check_rewards", "decode_state", "default_table_size",
