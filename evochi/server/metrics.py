@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 __all__ = ["ServerMetrics"]
@@ -59,6 +61,8 @@ class ServerMetrics:
             "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
         )
         self._leave_reasons: set[str] = set()
+        # The transport's serving status (evochi.server.health.Health), for /healthz.
+        self.health: Any = None
 
     def leave(self, reason: str) -> None:
         # Reasons carry details ("evaluate task deadline missed"); keep the label set small.
