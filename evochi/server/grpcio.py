@@ -94,7 +94,7 @@ class GrpcioTransport:
             stream = _QueueStream()
             if self._open_joins and not self._join_allowed(context.peer()):
                 await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.UNAVAILABLE,
                     "too many Subscribe calls on this connection; retry later",
                 )
             try:

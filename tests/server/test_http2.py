@@ -5,12 +5,14 @@ dead peers are dropped; the server keeps serving its honest workers throughout."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import struct
 
 import grpc
 import grpc.aio
+import hpack
 import pytest
 
 from evochi.server import EmbeddedServer, ServerConfig
@@ -387,5 +389,182 @@ def test_stop_sends_goaway_and_ends_streams_with_unavailable() -> None:
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ended.value.details() == "server stopping"
         await worker.close()
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------- hostile peers
+# The limits of docs/server.md#limits, each checked by what the server sends back; what the
+# attacks cost honest training is measured in test_adversarial.py.
+
+
+async def calm_after(client: RawClient, data: bytes) -> list[h2raw.Frame]:
+    """Send ``data``; every frame until the server closes the connection."""
+    client.send(data)
+    return await client.until_closed(timeout=10)
+
+
+def test_control_frame_floods_end_with_enhance_your_calm() -> None:
+    floods = {
+        "SETTINGS": frame(h2raw.SETTINGS, 0, 0),
+        "PRIORITY": frame(2, 0, 1, b"\x00\x00\x00\x00\x10"),
+        "unknown type": frame(0xFA, 0, 0, b"????"),
+        "connection WINDOW_UPDATE": frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)),
+        "RST_STREAM of a closed stream": frame(h2raw.RST_STREAM, 0, 1, struct.pack(">I", 8)),
+    }
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            for name, one in floods.items():
+                client = await RawClient.connect(server.port)
+                frames = await calm_after(client, one * 5000)
+                assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM, name
+                await client.close()
+            # CONTINUATION frames that add nothing to a header block, forever.
+            client = await RawClient.connect(server.port)
+            start = frame(h2raw.HEADERS, 0, 1, client.encoder.encode([(":method", "POST")]))
+            frames = await calm_after(client, start + frame(9, 0, 1) * 5000)
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            assert (await honest.heartbeat(1)).ok  # served all along
+            await honest.close()
+
+    run(scenario())
+
+
+def test_rapid_reset_and_settings_with_many_entries_end_the_connection() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            client = await RawClient.connect(server.port)
+            burst = b""
+            for _ in range(400):  # Subscribe, then reset at once (CVE-2023-44487)
+                stream_id = client.next_stream
+                client.request(SERVICE + "Subscribe", grpc_message(b"\x08\x01"))
+                burst += frame(h2raw.RST_STREAM, 0, stream_id, struct.pack(">I", 8))
+            frames = await calm_after(client, burst)
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            # No join outlived its reset.
+            assert len(server.service.core.workers) == 1
+            entries = struct.pack(">HI", 4, 65_535) * (transport.MAX_SETTINGS_ENTRIES + 1)
+            client = await RawClient.connect(server.port)
+            frames = await calm_after(client, frame(h2raw.SETTINGS, 0, 0, entries))
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            assert (await honest.heartbeat(1)).ok
+            await honest.close()
+
+    run(scenario())
+
+
+def test_streams_joins_and_the_header_cache_are_capped_per_connection() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            # Unfinished streams: MAX_CONCURRENT_STREAMS is advertised and enforced.
+            client = await RawClient.connect(server.port)
+            settings = await client.read_frame()
+            assert settings is not None and settings.kind == h2raw.SETTINGS
+            advertised = dict(
+                struct.unpack_from(">HI", settings.payload, i)
+                for i in range(0, len(settings.payload), 6)
+            )
+            assert advertised[3] == transport.OUR_MAX_STREAMS
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
+            auth = [("authorization", f"Bearer {honest.token}")]
+            ids = [
+                client.request(SERVICE + "Heartbeat", None, keep_open=True, extra=auth)
+                for _ in range(transport.OUR_MAX_STREAMS + 1)
+            ]
+            refused = await client.response(ids[-1])
+            assert refused.reset == transport.REFUSED_STREAM
+            client.send(frame(h2raw.DATA, h2raw.END_STREAM, ids[0], beat))
+            assert (await client.response(ids[0])).status["grpc-status"] == "0"
+            await client.close()
+            # Joins per connection: past the budget, UNAVAILABLE (clients retry later).
+            client = await RawClient.connect(server.port)
+            burst = int(transport.JOIN_BUDGET[1])
+            codes = []
+            for _ in range(burst + 10):
+                stream_id = client.request(SERVICE + "Subscribe", None, keep_open=True)
+                client.send(frame(h2raw.RST_STREAM, 0, stream_id, struct.pack(">I", 8)))
+            probe = client.request(SERVICE + "Subscribe", None, keep_open=True)
+            codes.append((await client.response(probe)).status.get("grpc-status"))
+            assert codes == ["14"]  # UNAVAILABLE
+            await client.close()
+            # Distinct header blocks: the decoded-header cache stays capped.
+            client = await RawClient.connect(server.port)
+            fields = [(":method", "POST"), (":path", "/no.Such/M"),
+                      ("content-type", "application/grpc")]  # fmt: skip
+            for i in range(3 * transport.HEADER_CACHE_SIZE):
+                unindexed = [hpack.NeverIndexedHeaderTuple(n, v) for n, v in fields]
+                block = hpack.Encoder().encode(
+                    [*unindexed, hpack.NeverIndexedHeaderTuple("x", str(i))]
+                )
+                ends = h2raw.END_HEADERS | h2raw.END_STREAM
+                client.send(frame(h2raw.HEADERS, ends, client.next_stream, block))
+                client.next_stream += 2
+            assert (await client.response(client.next_stream - 2)).status["grpc-status"] == "12"
+            (conn,) = [c for c in server._server.connections if len(c.header_cache) > 10]
+            assert len(conn.header_cache) == transport.HEADER_CACHE_SIZE
+            assert server._server.header_cache_entries <= transport.HEADER_CACHE_TOTAL
+            await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_a_window_update_flood_costs_no_walk_over_stalled_streams() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            # Window 0 for every stream: the Hello of each join waits in its stream.
+            client = await RawClient.connect(server.port, settings=struct.pack(">HI", 4, 0))
+            for _ in range(20):
+                client.request(SERVICE + "Subscribe", grpc_message(b"\x08\x01"))
+            await asyncio.sleep(0.5)
+            (conn,) = [c for c in server._server.connections if len(c.streams) >= 20]
+            # Waiting for their own window, not the connection's: a connection-level
+            # WINDOW_UPDATE has nothing to walk.
+            assert len(conn.stalled) == 20 and not conn.blocked
+            # A larger INITIAL_WINDOW_SIZE releases them all, in one frame.
+            client.send(frame(h2raw.SETTINGS, 0, 0, struct.pack(">HI", 4, 1 << 20)))
+            await asyncio.sleep(0.5)
+            assert not conn.stalled and not conn.blocked
+            await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_a_peer_that_never_reads_its_answers_stops_being_read() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            encoder = hpack.Encoder()
+            fields = [(":method", "POST"), (":path", "/no.Such/M"),
+                      ("content-type", "application/grpc")]  # fmt: skip
+            ends = h2raw.END_HEADERS | h2raw.END_STREAM
+            # The first block enters the fields into the HPACK table; the rest index them.
+            writer.write(h2raw.PREFACE + frame(h2raw.SETTINGS, 0, 0)
+                         + frame(h2raw.HEADERS, ends, 1, encoder.encode(fields)))  # fmt: skip
+            block = encoder.encode(fields)
+            stream_id = 3
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                for _ in range(200):
+                    batch = b""
+                    for _ in range(500):
+                        batch += frame(h2raw.HEADERS, ends, stream_id, block)
+                        stream_id += 2
+                    writer.write(batch)
+                    await asyncio.wait_for(writer.drain(), 0.5)
+            backlog = [c.transport.get_write_buffer_size() for c in server._server.connections]
+            assert max(backlog) < 1 << 20  # answers queued: bounded, whatever was sent
+            assert (await honest.heartbeat(1)).ok
+            writer.transport.abort()
+            await honest.close()
 
     run(scenario())
