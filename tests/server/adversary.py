@@ -43,7 +43,7 @@ SUBSCRIBE_REQUEST = b"\x08\x01"  # SubscribeRequest(cores=1)
 
 POPULATION = 64
 WORKERS = 4
-EVALUATE_DELAY = 0.01
+EVALUATE_DELAY = 0.04
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -499,10 +499,10 @@ class Result:
         )
 
 
-BASELINE_S = 1.5
+BASELINE_S = 2.5
 ATTACK_S = 2.5
 SETTLE_S = 0.5  # the attack ramps up (process start, connections) before it is measured
-AFTER_WINDOW_S = 1.5
+AFTER_WINDOW_S = 2.0
 AFTER_LIMIT_S = 5.0
 
 
