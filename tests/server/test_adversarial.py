@@ -6,8 +6,9 @@ issue 11 are asserted: honest epochs/s during the attack >= 50% of the baseline 
 just before, back to >= 90% within 5 s after it, no honest worker disconnected, server RSS
 under RSS_BOUND_MB (docs/server.md#limits).
 
-A shared test machine is noisy: a measurement outside the bounds is repeated once, and
-fails only if the repeat is outside them too (a real regression is, every time).
+A shared test machine is noisy (a neighbour's burst halves the honest rate for a second
+while the server idles): a measurement outside the bounds is repeated, up to ATTEMPTS in
+all, and the test fails only if every one is outside them (a real regression is, every time).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.server.h2raw import RawClient, frame, grpc_message
 from tests.server.helpers import run
 
 RSS_BOUND_MB = 400
+ATTEMPTS = 3
 
 
 @pytest.fixture(scope="module", params=["http2", "grpcio"])
@@ -69,13 +71,13 @@ def test_hostile_peer_costs_honest_training_little(
     server, fleet = training
     if server.transport == "grpcio" and attack in GRPCIO_WEAKNESSES:
         request.applymarker(pytest.mark.xfail(reason=GRPCIO_WEAKNESSES[attack], strict=False))
-    result = measure(server, fleet, attack)
-    if problems(result):
-        result = measure(server, fleet, attack)  # noise or regression? a regression repeats
-    assert result.baseline_eps > 0, "the honest workers did not train"
-    # No honest worker may be disconnected: counted over both measurements, never repeated.
+    results = [measure(server, fleet, attack)]
+    while problems(results[-1]) and len(results) < ATTEMPTS:
+        results.append(measure(server, fleet, attack))  # noise or regression? it repeats
+    assert all(r.baseline_eps > 0 for r in results), "the honest workers did not train"
+    # No honest worker may be disconnected: counted over every measurement, never excused.
     assert fleet.disconnects == 0, fleet.errors
-    assert not problems(result), f"{result.line()}: {problems(result)}"
+    assert not problems(results[-1]), "\n".join(f"{r.line()}: {problems(r)}" for r in results)
     assert server.proc.poll() is None, "the server died"
 
 
