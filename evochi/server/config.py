@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help=(
-            "serve Prometheus metrics on http://HOST:PORT/metrics (default off) "
+            "serve Prometheus metrics on http://HOST:PORT/metrics and the health status on "
+            "/healthz (200 SERVING, 503 NOT_SERVING) (default off) "
             f"[{_env('metrics_port')}]"
         ),
     )
