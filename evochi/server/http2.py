@@ -76,8 +76,11 @@ OUR_MAX_FRAME = 64 * 1024
 OUR_MAX_STREAMS = 100
 OUR_MAX_HEADER_LIST = 64 * 1024
 MAX_HEADER_BLOCK = 32 * 1024  # compressed; decoding a hostile block costs CPU in proportion
-HEADER_CACHE_SIZE = 64  # distinct blocks per connection: (method x worker) pairs
-HEADER_CACHE_TOTAL = 8192  # ... and over all connections
+# Distinct blocks per connection: (method x worker) pairs, and gRPC clients share one
+# connection between a process's workers. The total bounds the memory (a block of at most
+# HEADER_CACHE_BLOCK decodes to at most the HPACK table's 4 KiB plus its own bytes).
+HEADER_CACHE_SIZE = 256
+HEADER_CACHE_TOTAL = 8192
 HEADER_CACHE_BLOCK = 2048  # larger blocks are decoded every time, never kept
 MAX_SUBSCRIBE_REQUEST = 64 * 1024  # a SubscribeRequest is one int32; also per connection
 MAX_SETTINGS_ENTRIES = 32  # per SETTINGS frame (nghttp2's default); a client sends ~6
