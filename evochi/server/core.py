@@ -282,6 +282,8 @@ class WorkerInfo:
     cores: int
     joined_at: float
     hello_sent: bool = False
+    # Has called back with the token from its hello (see CoreConfig.heartbeat_before_work).
+    proven: bool = False
     state_epoch: int = 0
     next_seq: int = 1
     heartbeat_deadline: float = math.inf
@@ -306,6 +308,11 @@ class CoreConfig:
     straggler_reissue: bool = True
     straggler_factor: float = 2.0
     straggler_min_seconds: float = 1.0
+    # Work (initialize, evaluate, optimize, share state) goes only to workers that have sent
+    # a heartbeat with the token from their hello: a peer that subscribes and never reads
+    # its stream would otherwise hold slices until the worker timeout. Honest clients send
+    # heartbeat 1 right after hello, so this costs them one round trip.
+    heartbeat_before_work: bool = True
 
 
 def _ranges(mask: np.ndarray, offset: int) -> list[tuple[int, int]]:
@@ -380,6 +387,7 @@ class Training:
         # Insertion-ordered sets (dicts) so that scheduling is deterministic.
         self._idle: dict[str, None] = {}
         self._pending: dict[str, None] = {}  # registered, hello not sent yet
+        self._unproven: dict[str, None] = {}  # hello sent, no heartbeat yet: gets no work
         self._open_evals: dict[str, Task] = {}  # evaluate tasks of the current epoch
         self._waited_optimizes = 0
         self._share_task: Task | None = None
@@ -437,11 +445,16 @@ class Training:
             if w.task is not None:
                 assert self._tasks[w.task.id] is w.task
                 assert w.id not in self._idle
+            elif w.hello_sent and not w.proven:
+                assert w.id in self._unproven and w.id not in self._idle, w
             elif w.hello_sent:
                 assert w.id in self._idle, w
                 if self.state is not None:
                     # An idle worker behind the training is always given its catch-up.
                     assert w.state_epoch >= self.epoch, w
+        for t in self._tasks.values():
+            assert self.workers[t.worker_id].proven, f"{t.kind} task for an unproven worker"
+        assert all(not self.workers[wid].proven for wid in self._unproven)
         waited = sum(
             1
             for t in self._tasks.values()
@@ -470,6 +483,7 @@ class Training:
             return worker_id, out
         token = self._token_factory(worker_id)
         w = WorkerInfo(id=worker_id, token=token, cores=int(cores), joined_at=now)
+        w.proven = not self.config.heartbeat_before_work
         self.workers[worker_id] = w
         self._tokens[token] = worker_id
         self._pending[worker_id] = None
@@ -495,7 +509,15 @@ class Training:
             raise FailedPrecondition(f"heartbeat out of order: expected seq_id {w.next_seq}")
         w.next_seq += 1
         w.heartbeat_deadline = now + self._heartbeat_timeout
-        return []
+        out: list[Command] = []
+        if not w.proven:
+            # It read its hello: from now on it may be given work.
+            w.proven = True
+            if w.id in self._unproven:
+                del self._unproven[w.id]
+                self._idle[w.id] = None
+            self._schedule(now, out)
+        return out
 
     def finish_initialization(
         self, worker_id: str, task_id: str, state: bytes, now: float
@@ -624,7 +646,8 @@ class Training:
         out: list[Command] = []
         for w in list(self.workers.values()):
             if w.hello_sent and now > w.heartbeat_deadline:
-                self._remove(w, now, "missed heartbeat", out)
+                reason = "missed heartbeat" if w.proven else "no heartbeat after hello"
+                self._remove(w, now, reason, out)
             elif w.task is not None and now > w.task.deadline:
                 self._remove(w, now, f"{w.task.kind} task deadline missed", out)
         self._schedule(now, out)
@@ -732,7 +755,11 @@ class Training:
         w.hello_sent = True
         w.state_epoch = self.epoch if self.state is not None else 0
         w.heartbeat_deadline = now + self._heartbeat_timeout
-        self._idle[w.id] = None
+        if w.proven:
+            self._idle[w.id] = None
+        else:
+            # Removed by tick() at heartbeat_deadline if it never proves it reads its stream.
+            self._unproven[w.id] = None
         out.append(Send(w.id, self._hello_event(w.id, w.token)))
 
     def _remove(
@@ -747,6 +774,7 @@ class Training:
         self._tokens.pop(w.token, None)
         self._idle.pop(w.id, None)
         self._pending.pop(w.id, None)
+        self._unproven.pop(w.id, None)
         returned = 0
         reassigned: str | None = None
         task = w.task
@@ -874,6 +902,7 @@ class Training:
         self._tokens.clear()
         self._idle.clear()
         self._pending.clear()
+        self._unproven.clear()
         self._tasks.clear()
         self._open_evals.clear()
         self._cover[:] = 0
@@ -905,13 +934,21 @@ class Training:
         if self._init_task is not None:
             return
         # Prefer a worker that already has its hello (the previous initializer is gone, so
-        # only idle workers without state can be here), else the oldest pending one.
-        candidate = next(iter(self._idle), None) or next(iter(self._pending), None)
+        # only idle workers without state can be here), else the oldest pending one. A hello
+        # without state cannot be taken back, so only one candidate at a time gets one: while
+        # it has not proven it reads its stream, the others wait.
+        candidate = next(iter(self._idle), None)
         if candidate is None:
-            return
+            if self._unproven:
+                return
+            candidate = next(iter(self._pending), None)
+            if candidate is None:
+                return
         w = self.workers[candidate]
         if not w.hello_sent:
             self._send_hello(w, now, out)
+            if not w.proven:
+                return
         self._init_task = self._new_task(w, INITIALIZE, now, 0)
         out.append(Send(w.id, Initialize(self._init_task.id)))
 

@@ -240,7 +240,8 @@ class EvochiService:
     def _heartbeat(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)
         req = self._decode(pb.HeartbeatRequest, request)
-        self.core.heartbeat(worker_id, req.seq_id, time.monotonic())
+        # The first heartbeat proves the worker reads its stream: it may get work now.
+        self._execute(self.core.heartbeat(worker_id, req.seq_id, time.monotonic()))
         return _OK
 
     def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:
