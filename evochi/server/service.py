@@ -130,6 +130,7 @@ class EvochiService:
                 straggler_reissue=config.straggler_reissue,
                 straggler_factor=config.straggler_factor,
                 straggler_min_seconds=config.straggler_min_seconds,
+                heartbeat_before_work=config.heartbeat_before_work,
             ),
             token_factory=JwtIssuer(config.jwt_secret),
             snapshot=snapshot,

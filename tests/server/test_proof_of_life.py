@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evochi.server import core
+from evochi.server.config import explicit_settings, resolve_config
 from evochi.server.core import Stage
 from tests.server.sim import Sim, SimWorker
 
@@ -169,3 +170,12 @@ def test_random_interleavings_with_silent_workers(
         sim.advance(3.5)  # lets hung (and silent) workers time out
     assert len(sim.epochs) >= epochs_before + 2, (sim.t.stage, sim.t.epoch)
     sim.check_vectors()
+
+
+def test_the_rule_is_on_by_default_and_off_by_flag_or_environment() -> None:
+    base = {"EVOCHI_POPULATION_SIZE": "4"}
+    assert resolve_config(explicit_settings([], base)).heartbeat_before_work
+    off = {**base, "EVOCHI_HEARTBEAT_BEFORE_WORK": "false"}
+    assert not resolve_config(explicit_settings([], off)).heartbeat_before_work
+    flag = ["--no-heartbeat-before-work"]
+    assert not resolve_config(explicit_settings(flag, base)).heartbeat_before_work
