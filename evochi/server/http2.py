@@ -318,6 +318,10 @@ class _Connection(asyncio.Protocol):
         self.owner.header_cache_entries -= len(self.header_cache)
         self.header_cache.clear()
         self.buf = bytearray()
+        self._drop_streams()
+
+    def _drop_streams(self) -> None:
+        """The connection is over: its streams' workers leave the training now."""
         streams, self.streams = self.streams, {}
         self.blocked.clear()
         self.stalled.clear()
@@ -416,7 +420,22 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
             self.out = []
         self.closed = True
-        self.transport.close()
+        lingering = False
+        if self.transport.can_write_eof() and not self.transport.is_closing():
+            # Lingering close: send FIN after the last bytes (GOAWAY) and keep reading (and
+            # dropping) what the peer still sends until it closes. Closing a socket with
+            # unread input sends a TCP RST, which can destroy the GOAWAY before the peer
+            # reads it.
+            try:
+                self.transport.write_eof()
+                self.transport.resume_reading()
+                lingering = True
+            except OSError:  # the peer is gone already
+                pass
+        if lingering:
+            self._drop_streams()  # not at connection_lost, which waits for the peer
+        else:
+            self.transport.close()
         # close() waits for the output to drain; a peer that does not read never lets it.
         asyncio.get_running_loop().call_later(CLOSE_LINGER, self.transport.abort)
 
