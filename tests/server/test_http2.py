@@ -38,7 +38,8 @@ def goaway_code(frames: list[h2raw.Frame]) -> int | None:
 async def initialized(
     server: EmbeddedServer, state: bytes, metadata: list[tuple[str, str]] | None = None
 ) -> StubWorker:
-    """A first worker that has initialized the training with ``state``."""
+    """A first worker that has initialized the training with ``state`` (it has sent
+    heartbeat 1: its next is 2)."""
     worker = StubWorker(server.address, cores=1, metadata=metadata or ())
     await worker.subscribe()
     task = (await worker.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
@@ -79,7 +80,7 @@ def test_broken_connections_get_goaway_and_the_server_keeps_serving() -> None:
             client = await RawClient.connect(server.port)
             client.request(SERVICE + "Heartbeat", None)
             await client.close()
-            for seq in range(1, 4):
+            for seq in range(2, 5):
                 assert (await honest.heartbeat(seq)).ok
             await asyncio.sleep(0.1)
             assert len(server._server.connections) == 1  # only the honest worker's
@@ -94,7 +95,7 @@ def test_bad_calls_end_with_a_grpc_status_on_a_connection_that_lives_on() -> Non
             honest = await initialized(server, b"s")
             auth = [("authorization", f"Bearer {honest.token}")]
             client = await RawClient.connect(server.port)
-            beat = pb.HeartbeatRequest(seq_id=1).SerializeToString()
+            beat = pb.HeartbeatRequest(seq_id=2).SerializeToString()
 
             async def call(path: str, body: bytes | None, **kw: object) -> dict[str, str]:
                 kw["extra"] = [*auth, *kw.get("extra", [])]  # type: ignore[list-item]
@@ -182,7 +183,7 @@ def test_strangers_are_refused_from_their_headers_and_oversized_uploads_are_cut(
             for _ in range(2):  # frames are at most 64 KiB (OUR_MAX_FRAME)
                 client.send(frame(h2raw.DATA, 0, stream_id, b"\x00" * 35_000))
             assert (await client.response(stream_id)).status["grpc-status"] == "8"
-            beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=2).SerializeToString())
             stream_id = client.request(SERVICE + "Heartbeat", beat, extra=auth)
             assert (await client.response(stream_id)).status["grpc-status"] == "0"
             await client.close()
@@ -253,7 +254,7 @@ def test_hostile_header_blocks_and_ping_floods_cost_little() -> None:
             assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
             acks = sum(1 for f in frames if f.kind == h2raw.PING)
             assert acks < 1.5 * transport.CONTROL_BUDGET[1], acks  # (it drains meanwhile)
-            for seq in range(1, 4):  # the honest worker is served all along
+            for seq in range(2, 5):  # the honest worker is served all along
                 assert (await honest.heartbeat(seq)).ok
             await flooder.close()
             await honest.close()
@@ -321,8 +322,9 @@ def test_gzip_compressing_grpc_clients_are_served() -> None:
             call = stub.Subscribe(pb.SubscribeRequest(cores=1))
             hello = (await call.read()).hello
             auth = (("authorization", f"Bearer {hello.token}"),)
-            task = (await call.read()).initialize.task_id
+            # Work (here: initialize) comes after the first heartbeat.
             assert (await stub.Heartbeat(pb.HeartbeatRequest(seq_id=1), metadata=auth)).ok
+            task = (await call.read()).initialize.task_id
             request = pb.FinishInitializationRequest(task_id=task, state=state)
             assert (await stub.FinishInitialization(request, metadata=auth)).ok
             late = StubWorker(server.address, cores=1)
@@ -427,7 +429,7 @@ def test_control_frame_floods_end_with_enhance_your_calm() -> None:
             frames = await calm_after(client, start + frame(9, 0, 1) * 5000)
             assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
             await client.close()
-            assert (await honest.heartbeat(1)).ok  # served all along
+            assert (await honest.heartbeat(2)).ok  # served all along
             await honest.close()
 
     run(scenario())
@@ -453,7 +455,7 @@ def test_rapid_reset_and_settings_with_many_entries_end_the_connection() -> None
             frames = await calm_after(client, frame(h2raw.SETTINGS, 0, 0, entries))
             assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
             await client.close()
-            assert (await honest.heartbeat(1)).ok
+            assert (await honest.heartbeat(2)).ok
             await honest.close()
 
     run(scenario())
@@ -472,7 +474,7 @@ def test_streams_joins_and_the_header_cache_are_capped_per_connection() -> None:
                 for i in range(0, len(settings.payload), 6)
             )
             assert advertised[3] == transport.OUR_MAX_STREAMS
-            beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=2).SerializeToString())
             auth = [("authorization", f"Bearer {honest.token}")]
             ids = [
                 client.request(SERVICE + "Heartbeat", None, keep_open=True, extra=auth)
@@ -563,7 +565,7 @@ def test_a_peer_that_never_reads_its_answers_stops_being_read() -> None:
                     await asyncio.wait_for(writer.drain(), 0.5)
             backlog = [c.transport.get_write_buffer_size() for c in server._server.connections]
             assert max(backlog) < 1 << 20  # answers queued: bounded, whatever was sent
-            assert (await honest.heartbeat(1)).ok
+            assert (await honest.heartbeat(2)).ok
             writer.transport.abort()
             await honest.close()
 
