@@ -191,6 +191,31 @@ async def zero_window(port: int, deadline: float) -> None:
     await _reconnecting(port, deadline, run, settings=zero)
 
 
+async def zero_window_quiet(port: int, deadline: float) -> None:
+    """Subscribe streams whose answers cannot flow (window 0), held open without any
+    flood, from a new connection every half second: fake workers that never read their
+    hello, on connections that break no HTTP/2 rule."""
+    zero = struct.pack(">HI", 4, 0)
+    body = grpc_message(SUBSCRIBE_REQUEST)
+    held: list[Conn] = []
+    try:
+        while time.monotonic() < deadline:
+            try:
+                conn = await Conn.open(port, zero)
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            held.append(conn)
+            with contextlib.suppress(ConnectionError, OSError):
+                await conn.send(
+                    b"".join(conn.call(SERVICE + "Subscribe", body)[1] for _ in range(100))
+                )
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    finally:
+        for conn in held:
+            conn.close()
+
+
 async def unread_unknown_method(port: int, deadline: float) -> None:
     """4 connections calling a method that does not exist, never reading the answers."""
 
@@ -319,6 +344,7 @@ ATTACKS: dict[str, Attack] = {
     "rapid_reset": rapid_reset,
     "settings_entries": settings_entries,
     "zero_window": zero_window,
+    "zero_window_quiet": zero_window_quiet,
     "unread_unknown_method": unread_unknown_method,
     **FLOODS,
     "half_open": half_open,
