@@ -20,6 +20,7 @@ Vocabulary:
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -396,6 +397,7 @@ class Training:
         self._frozen: np.ndarray | None = None
         self._rates: list[float] = []  # seconds per member of finished evaluate tasks
         self.epoch_started_at: float | None = None
+        self._optimize_started_at = 0.0
         self._reset_epoch_arrays()
 
     # ------------------------------------------------------------------ queries
@@ -959,7 +961,12 @@ class Training:
             self._frozen.setflags(write=False)
             self._history[self.epoch] = self._frozen
             self._history.pop(self.epoch - REWARD_HISTORY, None)
-        if self.stage is Stage.OPTIMIZE and self._waited_optimizes == 0:
+            self._optimize_started_at = now
+        if (
+            self.stage is Stage.OPTIMIZE
+            and self._waited_optimizes == 0
+            and not self._awaiting_last_joiners(now)
+        ):
             target = self.epoch + 1
             if any(self.workers[wid].state_epoch == target for wid in self._idle):
                 self.stage = Stage.SHARE
@@ -971,6 +978,19 @@ class Training:
                     self._share_task = self._new_task(w, SHARE_STATE, now, self.epoch)
                     out.append(Send(w.id, ShareState(self._share_task.id, self.epoch)))
                     break
+
+    def _awaiting_last_joiners(self, now: float) -> bool:
+        """In the last epoch, a joiner that has not heartbeated yet would end the training
+        with the previous epoch's state (no later epoch replays the step for it): the share
+        waits for it, at most one heartbeat timeout (so a silent joiner delays only the end,
+        and only that long)."""
+        if not 0 < self.config.max_epochs <= self.epoch:
+            return False
+        if now >= self._optimize_started_at + self._heartbeat_timeout:
+            return False
+        # Idle ones have just heartbeated: their optimize task comes right after this check.
+        waiting = itertools.chain(self._unproven, self._idle)
+        return any(self.workers[wid].state_epoch == self.epoch for wid in waiting)
 
     def _assign_idle(self, now: float, out: list[Command]) -> None:
         if not self._idle:

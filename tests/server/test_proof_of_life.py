@@ -8,6 +8,7 @@ optimize, share state) only after the first heartbeat, which carries the token f
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -117,13 +118,17 @@ def test_the_rule_can_be_switched_off() -> None:
     assert kinds(fake) == [core.Hello, core.Evaluate]  # the old behaviour: work at once
 
 
-def test_a_retired_workers_heartbeat_after_the_end_changes_nothing() -> None:
-    sim = Sim(population_size=4, max_epochs=1)
+def test_a_silent_joiner_in_the_last_epoch_is_removed_not_stopped() -> None:
+    sim = Sim(population_size=4, max_epochs=1, worker_timeout=4.0)
     evaluating(sim, 4)
     fake = sim.join(4, reads=False)
-    sim.run()
-    assert sim.finished and kinds(fake) == [core.Hello, core.Stop]
-    assert sim.t.heartbeat(fake.id, 1, sim.now) == []
+    while not sim.finished:  # the end waits for its heartbeat, up to its deadline
+        sim.advance(0.5)
+        sim.run()
+    assert kinds(fake) == [core.Hello] and fake.closed
+    assert [x.reason for x in sim.left if x.worker_id == fake.id] == ["no heartbeat after hello"]
+    with pytest.raises(core.Unauthenticated):
+        sim.t.heartbeat(fake.id, 1, sim.now)
 
 
 OPS = st.sampled_from(["join", "fake", "leave", "step", "hang", "tick", "prove"])
@@ -179,3 +184,34 @@ def test_the_rule_is_on_by_default_and_off_by_flag_or_environment() -> None:
     assert not resolve_config(explicit_settings([], off)).heartbeat_before_work
     flag = ["--no-heartbeat-before-work"]
     assert not resolve_config(explicit_settings(flag, base)).heartbeat_before_work
+
+
+def test_a_joiner_in_the_last_epoch_ends_with_the_final_state() -> None:
+    # No later epoch would replay the last optimize step for it: the share waits for its
+    # first heartbeat (here it comes after every member is recorded).
+    sim = Sim(population_size=4, max_epochs=2, worker_timeout=8.0)
+    (a,) = evaluating(sim, 4)
+    sim.run(until_epochs=1)
+    late = sim.join(2, reads=False)  # hello with epoch 2's start state
+    sim.run()
+    assert sim.t.stage is Stage.OPTIMIZE and not sim.finished  # waits for late
+    late.reads, late.seq = True, 1
+    sim.step(late)
+    sim.apply(sim.t.heartbeat(late.id, 1, sim.now))
+    assert kinds(late) == [core.Optimize]
+    sim.run()
+    assert sim.finished and a.state == late.state == b"S3"
+
+
+def test_a_silent_joiner_delays_the_last_epoch_by_one_heartbeat_timeout_at_most() -> None:
+    sim = Sim(population_size=4, max_epochs=2, worker_timeout=8.0)
+    evaluating(sim, 4)
+    sim.run(until_epochs=1)
+    sim.join(2, reads=False)
+    sim.run()
+    started = sim.now
+    assert not sim.finished
+    while not sim.finished:
+        sim.advance(0.5)
+        sim.run()
+    assert sim.now - started <= 8.5
