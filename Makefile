@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.orchestration --transport http2,grpcio
 	$(PY) -m benchmarks.transport
+	$(PY) -m benchmarks.adversarial
 	$(PY) -m benchmarks.es_update
 	$(PY) -m benchmarks.population_forward
 	$(PY) -m benchmarks.cartpole_solve

@@ -48,6 +48,10 @@ class ServerConfig:
     straggler_reissue: bool = True
     straggler_factor: float = 2.0
     straggler_min_seconds: float = 1.0
+    # Work goes only to workers that sent their first heartbeat (the token from hello): a
+    # peer that subscribes and never reads its stream cannot hold slices. Off only for a
+    # client that waits a whole interval before its first heartbeat.
+    heartbeat_before_work: bool = True
     # Subscribe must carry this token (``authorization: Bearer <token>``) when set.
     join_token: str | None = None
     # Signs the per-worker tokens (HS512 JWT); a random secret per server when unset.
@@ -205,6 +209,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "tls_cert": ("EVOCHI_TLS_CERT", lambda v, _n: v),
     "tls_key": ("EVOCHI_TLS_KEY", lambda v, _n: v),
     "straggler_reissue": ("EVOCHI_STRAGGLER_REISSUE", _bool),
+    "heartbeat_before_work": ("EVOCHI_HEARTBEAT_BEFORE_WORK", _bool),
     "max_message_bytes": ("EVOCHI_MAX_MESSAGE_BYTES", _int),
     "transport": ("EVOCHI_TRANSPORT", lambda v, _n: v.strip().lower()),
 }
@@ -291,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help=(
-            "serve Prometheus metrics on http://HOST:PORT/metrics (default off) "
+            "serve Prometheus metrics on http://HOST:PORT/metrics and the health status on "
+            "/healthz (200 SERVING, 503 NOT_SERVING) (default off) "
             f"[{_env('metrics_port')}]"
         ),
     )
@@ -346,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "do not copy late evaluate tasks to idle workers (re-issue is on by default) "
             f"[{_env('straggler_reissue')}=false]"
+        ),
+    )
+    add(
+        "--no-heartbeat-before-work",
+        dest="heartbeat_before_work",
+        action="store_const",
+        const=False,
+        help=(
+            "give work to a worker as soon as it joins, not after its first heartbeat "
+            "(default: after it, so that a peer that never reads its stream holds no work; "
+            "clients send heartbeat 1 right after hello) "
+            f"[{_env('heartbeat_before_work')}=false]"
         ),
     )
     add(

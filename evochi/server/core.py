@@ -20,6 +20,7 @@ Vocabulary:
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -296,6 +297,8 @@ class WorkerInfo:
     cores: int
     joined_at: float
     hello_sent: bool = False
+    # Has called back with the token from its hello (see CoreConfig.heartbeat_before_work).
+    proven: bool = False
     state_epoch: int = 0
     next_seq: int = 1
     heartbeat_deadline: float = math.inf
@@ -320,6 +323,11 @@ class CoreConfig:
     straggler_reissue: bool = True
     straggler_factor: float = 2.0
     straggler_min_seconds: float = 1.0
+    # Work (initialize, evaluate, optimize, share state) goes only to workers that have sent
+    # a heartbeat with the token from their hello: a peer that subscribes and never reads
+    # its stream would otherwise hold slices until the worker timeout. Honest clients send
+    # heartbeat 1 right after hello, so this costs them one round trip.
+    heartbeat_before_work: bool = True
 
 
 def _ranges(mask: np.ndarray, offset: int) -> list[tuple[int, int]]:
@@ -394,6 +402,7 @@ class Training:
         # Insertion-ordered sets (dicts) so that scheduling is deterministic.
         self._idle: dict[str, None] = {}
         self._pending: dict[str, None] = {}  # registered, hello not sent yet
+        self._unproven: dict[str, None] = {}  # hello sent, no heartbeat yet: gets no work
         self._open_evals: dict[str, Task] = {}  # evaluate tasks of the current epoch
         self._waited_optimizes = 0
         self._share_task: Task | None = None
@@ -404,6 +413,7 @@ class Training:
         # Every metric name reported in this training (bounded by MAX_METRICS).
         self._metric_names: dict[str, None] = {}
         self.epoch_started_at: float | None = None
+        self._optimize_started_at = 0.0
         self._reset_epoch_arrays()
 
     # ------------------------------------------------------------------ queries
@@ -453,11 +463,16 @@ class Training:
             if w.task is not None:
                 assert self._tasks[w.task.id] is w.task
                 assert w.id not in self._idle
+            elif w.hello_sent and not w.proven:
+                assert w.id in self._unproven and w.id not in self._idle, w
             elif w.hello_sent:
                 assert w.id in self._idle, w
                 if self.state is not None:
                     # An idle worker behind the training is always given its catch-up.
                     assert w.state_epoch >= self.epoch, w
+        for t in self._tasks.values():
+            assert self.workers[t.worker_id].proven, f"{t.kind} task for an unproven worker"
+        assert all(not self.workers[wid].proven for wid in self._unproven)
         waited = sum(
             1
             for t in self._tasks.values()
@@ -489,6 +504,7 @@ class Training:
             return worker_id, out
         token = self._token_factory(worker_id)
         w = WorkerInfo(id=worker_id, token=token, cores=int(cores), joined_at=now)
+        w.proven = not self.config.heartbeat_before_work
         self.workers[worker_id] = w
         self._tokens[token] = worker_id
         self._pending[worker_id] = None
@@ -514,7 +530,15 @@ class Training:
             raise FailedPrecondition(f"heartbeat out of order: expected seq_id {w.next_seq}")
         w.next_seq += 1
         w.heartbeat_deadline = now + self._heartbeat_timeout
-        return []
+        out: list[Command] = []
+        if not w.proven:
+            # It read its hello: from now on it may be given work.
+            w.proven = True
+            if w.id in self._unproven:
+                del self._unproven[w.id]
+                self._idle[w.id] = None
+            self._schedule(now, out)
+        return out
 
     def finish_initialization(
         self, worker_id: str, task_id: str, state: bytes, now: float
@@ -657,7 +681,8 @@ class Training:
         out: list[Command] = []
         for w in list(self.workers.values()):
             if w.hello_sent and now > w.heartbeat_deadline:
-                self._remove(w, now, "missed heartbeat", out)
+                reason = "missed heartbeat" if w.proven else "no heartbeat after hello"
+                self._remove(w, now, reason, out)
             elif w.task is not None and now > w.task.deadline:
                 self._remove(w, now, f"{w.task.kind} task deadline missed", out)
         self._schedule(now, out)
@@ -844,7 +869,11 @@ class Training:
         w.hello_sent = True
         w.state_epoch = self.epoch if self.state is not None else 0
         w.heartbeat_deadline = now + self._heartbeat_timeout
-        self._idle[w.id] = None
+        if w.proven:
+            self._idle[w.id] = None
+        else:
+            # Removed by tick() at heartbeat_deadline if it never proves it reads its stream.
+            self._unproven[w.id] = None
         out.append(Send(w.id, self._hello_event(w.id, w.token)))
 
     def _remove(
@@ -859,6 +888,7 @@ class Training:
         self._tokens.pop(w.token, None)
         self._idle.pop(w.id, None)
         self._pending.pop(w.id, None)
+        self._unproven.pop(w.id, None)
         returned = 0
         reassigned: str | None = None
         task = w.task
@@ -986,6 +1016,7 @@ class Training:
         self._tokens.clear()
         self._idle.clear()
         self._pending.clear()
+        self._unproven.clear()
         self._tasks.clear()
         self._open_evals.clear()
         self._cover[:] = 0
@@ -1017,13 +1048,21 @@ class Training:
         if self._init_task is not None:
             return
         # Prefer a worker that already has its hello (the previous initializer is gone, so
-        # only idle workers without state can be here), else the oldest pending one.
-        candidate = next(iter(self._idle), None) or next(iter(self._pending), None)
+        # only idle workers without state can be here), else the oldest pending one. A hello
+        # without state cannot be taken back, so only one candidate at a time gets one: while
+        # it has not proven it reads its stream, the others wait.
+        candidate = next(iter(self._idle), None)
         if candidate is None:
-            return
+            if self._unproven:
+                return
+            candidate = next(iter(self._pending), None)
+            if candidate is None:
+                return
         w = self.workers[candidate]
         if not w.hello_sent:
             self._send_hello(w, now, out)
+            if not w.proven:
+                return
         self._init_task = self._new_task(w, INITIALIZE, now, 0)
         out.append(Send(w.id, Initialize(self._init_task.id)))
 
@@ -1036,7 +1075,12 @@ class Training:
                 values.setflags(write=False)  # handed out in the EpochSummary
             self._history[self.epoch] = self._frozen
             self._history.pop(self.epoch - REWARD_HISTORY, None)
-        if self.stage is Stage.OPTIMIZE and self._waited_optimizes == 0:
+            self._optimize_started_at = now
+        if (
+            self.stage is Stage.OPTIMIZE
+            and self._waited_optimizes == 0
+            and not self._awaiting_last_joiners(now)
+        ):
             target = self.epoch + 1
             if any(self.workers[wid].state_epoch == target for wid in self._idle):
                 self.stage = Stage.SHARE
@@ -1048,6 +1092,19 @@ class Training:
                     self._share_task = self._new_task(w, SHARE_STATE, now, self.epoch)
                     out.append(Send(w.id, ShareState(self._share_task.id, self.epoch)))
                     break
+
+    def _awaiting_last_joiners(self, now: float) -> bool:
+        """In the last epoch, a joiner that has not heartbeated yet would end the training
+        with the previous epoch's state (no later epoch replays the step for it): the share
+        waits for it, at most one heartbeat timeout (so a silent joiner delays only the end,
+        and only that long)."""
+        if not 0 < self.config.max_epochs <= self.epoch:
+            return False
+        if now >= self._optimize_started_at + self._heartbeat_timeout:
+            return False
+        # Idle ones have just heartbeated: their optimize task comes right after this check.
+        waiting = itertools.chain(self._unproven, self._idle)
+        return any(self.workers[wid].state_epoch == self.epoch for wid in waiting)
 
     def _assign_idle(self, now: float, out: list[Command]) -> None:
         if not self._idle:

@@ -11,8 +11,19 @@ Huffman code and dynamic table) is left to the well-kept ``hpack`` library.
 What it serves: unary and server-streaming calls, the gRPC length-prefixed framing (gzip and
 deflate request compression; responses are never compressed), flow control in both
 directions, PING (answered, and sent to idle connections to find dead peers), GOAWAY on
-shutdown, TLS with ALPN ``h2``. Malformed frames end the connection with GOAWAY; a bad call
-ends with a gRPC status. Nothing a peer sends can raise out of this module.
+shutdown, TLS with ALPN ``h2``, the standard ``grpc.health.v1.Health`` service. Malformed
+frames end the connection with GOAWAY; a bad call ends with a gRPC status. Nothing a peer
+sends can raise out of this module.
+
+Hostile peers (docs/server.md#limits): every connection has budgets, leaky buckets drained
+at a fixed rate, for frames that do no useful work (SETTINGS, PING, PRIORITY, WINDOW_UPDATE,
+empty DATA, unknown types, CONTINUATION, refused or failed calls, header blocks decoded from
+scratch), for streams the peer resets, and for joins; past one the connection gets
+GOAWAY(ENHANCE_YOUR_CALM). The work per frame is bounded (no loop over every stream per
+SETTINGS entry or WINDOW_UPDATE), a connection is served at most FRAMES_PER_TURN frames per
+event-loop turn (then its reading pauses until the other connections had their turn), a peer
+that does not read its answers stops being read, and unfinished streams, buffered request
+bytes, partial frames and decoded header blocks are capped per connection and in total.
 """
 
 from __future__ import annotations
@@ -24,12 +35,14 @@ import struct
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import hpack
 
 from evochi.server import core
+from evochi.server.health import HEALTH_SERVICE, SERVICE_UNKNOWN, Health
 from evochi.server.service import SERVICE_NAME, UNARY_METHODS, EvochiService, parse_bearer
 
 __all__ = ["Http2Transport"]
@@ -51,24 +64,72 @@ S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
 # Error codes.
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 6, 7, 8, 9
+ENHANCE_YOUR_CALM = 0xB
 
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
-# What we accept: big frames mean few frames for a large state; streams are cheap.
-OUR_MAX_FRAME = 1 << 20
-OUR_MAX_STREAMS = 1000
+# What we accept. A partial frame is held in memory until its last byte: 64 KiB bounds what
+# a peer that stops one byte short of a frame costs (a large state is many frames; ~1 µs each).
+OUR_MAX_FRAME = 64 * 1024
+# Unfinished streams per connection (advertised, and refused past it): a worker needs ~3.
+OUR_MAX_STREAMS = 100
 OUR_MAX_HEADER_LIST = 64 * 1024
 MAX_HEADER_BLOCK = 32 * 1024  # compressed; decoding a hostile block costs CPU in proportion
-HEADER_CACHE_SIZE = 1024  # distinct blocks per connection: (method x worker) pairs
+# Distinct blocks per connection: (method x worker) pairs, and gRPC clients share one
+# connection between a process's workers. The total bounds the memory (a block of at most
+# HEADER_CACHE_BLOCK decodes to at most the HPACK table's 4 KiB plus its own bytes).
+HEADER_CACHE_SIZE = 256
+HEADER_CACHE_TOTAL = 8192
 HEADER_CACHE_BLOCK = 2048  # larger blocks are decoded every time, never kept
-MAX_SUBSCRIBE_REQUEST = 64 * 1024  # a SubscribeRequest is one int32
+MAX_SUBSCRIBE_REQUEST = 64 * 1024  # a SubscribeRequest is one int32; also per connection
+MAX_SETTINGS_ENTRIES = 32  # per SETTINGS frame (nghttp2's default); a client sends ~6
+MAX_CONNECTIONS = 1024
+# Budgets per connection, leaky buckets: (drained per second, most held). A gRPC client sends
+# a few control frames per call (WINDOW_UPDATE, BDP PING); a flood sends thousands per second.
+CONTROL_BUDGET = (1000.0, 2000.0)
+# ... and useful work earns some back: gRPC clients send ~3 WINDOW_UPDATEs per call and one
+# per message they receive, so the budget grows with the calls served, never below zero.
+CALL_CREDIT, MESSAGE_CREDIT = 8.0, 2.0
+RESET_BUDGET = (50.0, 200.0)  # streams the peer resets (CVE-2023-44487, Rapid Reset)
+# Subscribe calls (each a join and a Hello) per connection, unless the server has a join
+# token, which the call then presented. gRPC clients share one connection between the
+# workers of a process (64 churning workers in benchmarks/load.py): past the budget a join is
+# answered UNAVAILABLE, which clients retry after a backoff.
+JOIN_BUDGET = (50.0, 100.0)
+DECODE_UNIT = 256  # a header block decoded from scratch costs 1 per DECODE_UNIT bytes
+# Fairness: frames (or bytes) of one connection per event-loop turn.
+FRAMES_PER_TURN = 200
+BYTES_PER_TURN = 1 << 20
+CLOSE_LINGER = 2.0  # a closed connection whose peer does not read its last bytes is aborted
 # Dead peers: a connection silent this long is pinged, and dropped without an answer.
 KEEPALIVE_IDLE = 60.0
 KEEPALIVE_TIMEOUT = 20.0
 
 _FRAME_HEADER = struct.Struct(">BHBBI")
 _PATHS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in ("Subscribe", *UNARY_METHODS)}
+# Calls that need a worker's token, checked from the headers: only these may upload much.
+_AUTHENTICATED = frozenset(UNARY_METHODS)
+_HEALTH_CHECK, _HEALTH_WATCH = "health.Check", "health.Watch"
+_PATHS[f"/{HEALTH_SERVICE}/Check".encode()] = _HEALTH_CHECK
+_PATHS[f"/{HEALTH_SERVICE}/Watch".encode()] = _HEALTH_WATCH
+
+
+class _Budget:
+    """A leaky bucket: spending fails once more than ``burst`` is held, drained at ``rate``/s."""
+
+    __slots__ = ("burst", "last", "level", "rate")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.level = 0.0
+        self.last = time.monotonic()
+
+    def spend(self, now: float, cost: float = 1.0) -> bool:
+        level = self.level - (now - self.last) * self.rate
+        self.level = (level if level > 0.0 else 0.0) + cost
+        self.last = now
+        return self.level <= self.burst
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -145,6 +206,7 @@ class _Stream:
     __slots__ = (
         "bearer",
         "conn",
+        "credit",
         "data",
         "encoding",
         "headers_sent",
@@ -155,11 +217,12 @@ class _Stream:
         "remote_closed",
         "send_window",
         "trailers",
+        "unwatch",
         "worker_id",
     )
 
     def __init__(self, conn: _Connection, stream_id: int, method: str, bearer: str | None,
-                 encoding: bytes | None, send_window: int) -> None:  # fmt: skip
+                 encoding: bytes | None) -> None:  # fmt: skip
         self.conn = conn
         self.id = stream_id
         self.method = method
@@ -171,8 +234,11 @@ class _Stream:
         self.headers_sent = False
         self.pending: deque[memoryview] = deque()
         self.trailers: bytes | None = None
-        self.send_window = send_window
+        # The stream's send window is the peer's INITIAL_WINDOW_SIZE plus this credit (its
+        # WINDOW_UPDATEs less what we sent): a new INITIAL_WINDOW_SIZE costs O(1), not O(streams).
+        self.credit = 0
         self.worker_id: str | None = None
+        self.unwatch: Callable[[], None] | None = None  # a health Watch: stops watching
 
     # WorkerStream
     def send(self, message: bytes) -> None:
@@ -200,7 +266,9 @@ class _Connection(asyncio.Protocol):
         # the HPACK table: decode each distinct block once while the table stays the same.
         self.header_cache: dict[bytes, dict[bytes, bytes]] = {}
         self.streams: dict[int, _Stream] = {}
+        # Streams with output waiting: for the connection's window (blocked) or their own.
         self.blocked: dict[int, _Stream] = {}
+        self.stalled: dict[int, _Stream] = {}
         self.send_window = DEFAULT_WINDOW
         self.peer_window = DEFAULT_WINDOW
         self.peer_frame = DEFAULT_FRAME
@@ -215,11 +283,21 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.write_backlog = 0  # write-buffer size at the last keepalive check
         self.buffered = 0  # request bytes held in streams' buffers
+        self.subscribe_buffered = 0  # ... of which in Subscribe calls (no token needed)
+        self.now = time.monotonic()
+        self.control = _Budget(*CONTROL_BUDGET)
+        self.resets = _Budget(*RESET_BUDGET)
+        self.joins = _Budget(*JOIN_BUDGET)
+        self.turn_pending = False  # frames left in buf for the next event-loop turn
 
     # ------------------------------------------------------------------ asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.owner.connections) >= MAX_CONNECTIONS:
+            log.warning("refusing a connection: %d connections open", MAX_CONNECTIONS)
+            self.goaway(ENHANCE_YOUR_CALM, "too many connections")
+            return
         self.owner.connections.add(self)
         settings = struct.pack(
             ">HIHIHIHI",
@@ -237,8 +315,16 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.owner.connections.discard(self)
+        self.owner.header_cache_entries -= len(self.header_cache)
+        self.header_cache.clear()
+        self.buf = bytearray()
+        self._drop_streams()
+
+    def _drop_streams(self) -> None:
+        """The connection is over: its streams' workers leave the training now."""
         streams, self.streams = self.streams, {}
         self.blocked.clear()
+        self.stalled.clear()
         for stream in streams.values():
             try:
                 self._forget_worker(stream)
@@ -256,18 +342,48 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.last_seen = time.monotonic()
         if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+            if len(self.buf) >= 9:
+                self._schedule_turn()  # frames were left unparsed while the peer was not reading
+            else:
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_seen = time.monotonic()
+        self.buf += data
         self.ping_sent = None
+        self.last_seen = time.monotonic()
+        if not self.turn_pending:
+            self._turn()
+
+    def _schedule_turn(self) -> None:
+        if not self.turn_pending and self.transport is not None:
+            self.turn_pending = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.turn_pending = False
+        if self.closed or self.transport is None:
+            return
+        if self.write_paused:
+            return  # resume_writing schedules the next turn
+        self._turn()
+        if not self.turn_pending and not self.write_paused and not self.closed:
+            self.transport.resume_reading()
+
+    def _turn(self) -> None:
+        """Serve one turn's worth of the frames received (see FRAMES_PER_TURN)."""
+        self.now = time.monotonic()
         self.out = []
+        more = False
         try:
-            self._receive(data)
+            more = self._receive()
         except _ConnectionError as err:
-            log.debug("connection error %d: %s", err.code, err)
+            if err.code == ENHANCE_YOUR_CALM:
+                log.info("closing a connection: %s", err)
+            else:
+                log.debug("connection error %d: %s", err.code, err)
             self.goaway(err.code, str(err))
         except Exception:
             log.exception("unexpected error on an HTTP/2 connection; closing it")
@@ -276,6 +392,9 @@ class _Connection(asyncio.Protocol):
             out, self.out = self.out, None
             if out and self.transport is not None and not self.transport.is_closing():
                 self.transport.write(b"".join(out))
+        if more and not self.closed:
+            # Let the other connections' frames be served first.
+            self._schedule_turn()
 
     # ------------------------------------------------------------------ output
 
@@ -301,7 +420,32 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
             self.out = []
         self.closed = True
-        self.transport.close()
+        lingering = False
+        if self.transport.can_write_eof() and not self.transport.is_closing():
+            # Lingering close: send FIN after the last bytes (GOAWAY) and keep reading (and
+            # dropping) what the peer still sends until it closes. Closing a socket with
+            # unread input sends a TCP RST, which can destroy the GOAWAY before the peer
+            # reads it.
+            try:
+                self.transport.write_eof()
+                self.transport.resume_reading()
+                lingering = True
+            except OSError:  # the peer is gone already
+                pass
+        if lingering:
+            self._drop_streams()  # not at connection_lost, which waits for the peer
+        else:
+            self.transport.close()
+        # close() waits for the output to drain; a peer that does not read never lets it.
+        asyncio.get_running_loop().call_later(CLOSE_LINGER, self.transport.abort)
+
+    def _calm(self, what: str) -> _ConnectionError:
+        return _ConnectionError(ENHANCE_YOUR_CALM, what)
+
+    def _control(self, cost: float = 1.0) -> None:
+        """A frame that does no useful work: spend from the connection's budget."""
+        if not self.control.spend(self.now, cost):
+            raise self._calm("too many control frames")
 
     def send_message(self, stream: _Stream, message: bytes) -> None:
         if stream.local_closed or stream.trailers is not None or self.closed:
@@ -311,14 +455,16 @@ class _Connection(asyncio.Protocol):
             self.write(_frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS))
         framed = b"\x00" + len(message).to_bytes(4, "big") + message
         n = len(framed)
+        control = self.control
+        control.level = control.level - MESSAGE_CREDIT if control.level > MESSAGE_CREDIT else 0.0
         if (
             not stream.pending
             and n <= self.send_window
-            and n <= stream.send_window
+            and n <= self.peer_window + stream.credit
             and (n <= self.peer_frame)
         ):
             self.send_window -= n
-            stream.send_window -= n
+            stream.credit -= n
             self.write(_frame(DATA, 0, stream.id, framed))
             return
         stream.pending.append(memoryview(framed))
@@ -340,9 +486,14 @@ class _Connection(asyncio.Protocol):
     def _flush(self, stream: _Stream) -> None:
         pending = stream.pending
         while pending:
-            allowed = min(self.send_window, stream.send_window, self.peer_frame)
+            allowed = min(self.send_window, self.peer_window + stream.credit, self.peer_frame)
             if allowed <= 0:
-                self.blocked[stream.id] = stream
+                if self.send_window <= 0:
+                    self.blocked[stream.id] = stream
+                    self.stalled.pop(stream.id, None)
+                else:
+                    self.stalled[stream.id] = stream
+                    self.blocked.pop(stream.id, None)
                 return
             chunk = pending[0]
             if len(chunk) <= allowed:
@@ -352,9 +503,10 @@ class _Connection(asyncio.Protocol):
                 part = chunk[:allowed]
                 pending[0] = chunk[allowed:]
             self.send_window -= len(part)
-            stream.send_window -= len(part)
+            stream.credit -= len(part)
             self.write(_frame(DATA, 0, stream.id, bytes(part)))
         self.blocked.pop(stream.id, None)
+        self.stalled.pop(stream.id, None)
         if stream.trailers is not None and not stream.local_closed:
             stream.local_closed = True
             self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers))
@@ -366,32 +518,45 @@ class _Connection(asyncio.Protocol):
             self.write(_frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
         self.streams.pop(stream.id, None)
         self.blocked.pop(stream.id, None)
+        self.stalled.pop(stream.id, None)
+        if stream.unwatch is not None:
+            stream.unwatch()
+            stream.unwatch = None
         if self.going_away and not self.streams:
             self.close()
 
     def _forget_worker(self, stream: _Stream) -> None:
+        if stream.unwatch is not None:
+            stream.unwatch()
+            stream.unwatch = None
         worker_id, stream.worker_id = stream.worker_id, None
         if worker_id is not None:
             self.service.stream_ended(worker_id)
 
     # ------------------------------------------------------------------ input
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self) -> bool:
+        """Parse and serve the frames in buf, at most one turn's worth; True if more remain."""
         buf = self.buf
-        buf += data
         if not self.preface:
             if len(buf) < len(PREFACE):
                 if not PREFACE.startswith(bytes(buf)):
                     raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 client (no preface)")
-                return
+                return False
             if buf[: len(PREFACE)] != PREFACE:
                 raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 client (no preface)")
             del buf[: len(PREFACE)]
             self.preface = True
         pos, end = 0, len(buf)
         unpack = _FRAME_HEADER.unpack_from
+        frames = 0
+        more = False
         try:
             while end - pos >= 9:
+                if frames >= FRAMES_PER_TURN or pos >= BYTES_PER_TURN:
+                    more = True
+                    break
+                frames += 1
                 high, low, kind, flags, stream_id = unpack(buf, pos)
                 length = (high << 16) | low
                 if length > OUR_MAX_FRAME:
@@ -402,12 +567,13 @@ class _Connection(asyncio.Protocol):
                 pos += 9 + length
                 self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
                 if self.closed:
-                    return
+                    return False
         finally:
             del buf[:pos]
         if self.received > MAX_WINDOW // 2:
             self.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.received)))
             self.received = 0
+        return more
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
@@ -422,6 +588,8 @@ class _Connection(asyncio.Protocol):
                 block = block[5:]
             if len(block) > MAX_HEADER_BLOCK:
                 raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
+            if not flags & END_HEADERS:
+                self._control()
             if flags & END_HEADERS:
                 self._headers(stream_id, flags, block)
             else:
@@ -429,6 +597,7 @@ class _Connection(asyncio.Protocol):
         elif kind == CONTINUATION:
             if self.continuation is None or self.continuation[0] != stream_id:
                 raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            self._control()
             block_buf = self.continuation[2]
             block_buf += payload
             if len(block_buf) > MAX_HEADER_BLOCK:
@@ -444,25 +613,32 @@ class _Connection(asyncio.Protocol):
         elif kind == PING:
             if len(payload) != 8 or stream_id != 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "malformed PING")
+            self._control()
             if not flags & ACK:
                 self.write(_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             if len(payload) != 4 or stream_id == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
+            self._control()
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
+                if not self.resets.spend(self.now):
+                    raise self._calm("too many streams reset")
                 self._release(stream)
                 stream.local_closed = stream.remote_closed = True
                 self._forget_worker(stream)
                 if self.going_away and not self.streams:
                     self.close()
         elif kind == GOAWAY:
+            self._control()
             self.going_away = True
             if not self.streams:
                 self.close()
         elif kind == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "clients cannot push")
-        # PRIORITY and unknown frame types are ignored, as RFC 9113 requires.
+        else:
+            # PRIORITY and unknown frame types are ignored, as RFC 9113 requires.
+            self._control()
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
@@ -475,33 +651,41 @@ class _Connection(asyncio.Protocol):
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
             raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
+        self._control()
         if flags & ACK:
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "malformed SETTINGS")
+        if len(payload) > 6 * MAX_SETTINGS_ENTRIES:
+            raise self._calm(f"more than {MAX_SETTINGS_ENTRIES} entries in one SETTINGS frame")
+        window = None
         for offset in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, offset)
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "window too large")
-                delta = value - self.peer_window
-                self.peer_window = value
-                for stream in list(self.streams.values()):
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
-                        raise _ConnectionError(FLOW_CONTROL_ERROR, "stream window overflow")
+                window = value
             elif key == S_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value <= 2**24 - 1:
                     raise _ConnectionError(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
                 self.peer_frame = value
             # Our HPACK encoder never uses the dynamic table: HEADER_TABLE_SIZE is moot.
         self.write(_frame(SETTINGS, ACK, 0))
-        self._flush_blocked()
+        if window is not None and window != self.peer_window:
+            grew = window > self.peer_window
+            self.peer_window = window  # every stream's window moves with it (see credit)
+            if grew:
+                # Once per frame, over the streams waiting for their own window only.
+                for stream in list(self.stalled.values()):
+                    if self.send_window <= 0:
+                        break
+                    self._flush(stream)
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        self._control()
         if stream_id == 0:
             if increment == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
@@ -512,14 +696,16 @@ class _Connection(asyncio.Protocol):
             return
         stream = self.streams.get(stream_id)
         if stream is not None and increment:
-            stream.send_window += increment
-            if stream.send_window > MAX_WINDOW:
+            stream.credit += increment
+            if self.peer_window + stream.credit > MAX_WINDOW:
                 self._reset(stream, FLOW_CONTROL_ERROR)
                 return
             if stream.pending or stream.trailers is not None:
                 self._flush(stream)
 
     def _flush_blocked(self) -> None:
+        # Each stream visited either sends, or moves to `stalled` (its own window is empty),
+        # or the connection's window runs out: the work is bounded by the progress made.
         for stream in list(self.blocked.values()):
             if self.send_window <= 0:
                 return
@@ -533,13 +719,27 @@ class _Connection(asyncio.Protocol):
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream:
                 raise _ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
+            self._control()
             return  # a stream we already answered (or reset): drop the rest of its upload
         body = self._unpad(flags, payload)
+        if not body and not flags & END_STREAM:
+            self._control()
         if stream.local_closed:
+            self._control()
             return
         stream.data += body
         self.buffered += len(body)
-        limit = MAX_SUBSCRIBE_REQUEST if stream.method == "Subscribe" else self.max_message
+        open_call = stream.method not in _AUTHENTICATED
+        limit = MAX_SUBSCRIBE_REQUEST if open_call else self.max_message
+        if open_call:
+            self.subscribe_buffered += len(body)
+            if self.subscribe_buffered > MAX_SUBSCRIBE_REQUEST:
+                # Calls anyone may make (Subscribe, health) hold little each, and little per
+                # connection in all: only authenticated calls may upload large messages.
+                self._release(stream)
+                message = "too many unfinished Subscribe requests on this connection"
+                self.send_trailers(stream, "RESOURCE_EXHAUSTED", message)
+                return
         if len(stream.data) > limit + 5:
             self._release(stream)
             self.send_trailers(
@@ -561,9 +761,13 @@ class _Connection(asyncio.Protocol):
 
     def _release(self, stream: _Stream) -> None:
         """Forget the stream's buffered request bytes and its queued output."""
-        self.buffered -= len(stream.data)
+        n = len(stream.data)
+        self.buffered -= n
+        if stream.method not in _AUTHENTICATED:
+            self.subscribe_buffered -= n
         stream.data = bytearray()
         self.blocked.pop(stream.id, None)
+        self.stalled.pop(stream.id, None)
 
     def _reset(self, stream: _Stream, code: int) -> None:
         """End one stream with RST_STREAM (a stream error; the connection lives on)."""
@@ -578,6 +782,9 @@ class _Connection(asyncio.Protocol):
         cached = self.header_cache.get(block)
         if cached is not None:
             return cached
+        # Decoding from scratch costs CPU in proportion to the block (indexed references to
+        # a large table entry inflate up to OUR_MAX_HEADER_LIST): charge it to the budget.
+        self._control(1.0 + len(block) / DECODE_UNIT)
         table = self.decoder.header_table
         entries = table.dynamic_entries
         before = (len(entries), entries[0] if entries else None, table.maxsize)
@@ -590,9 +797,16 @@ class _Connection(asyncio.Protocol):
         if after[0] == before[0] and after[1] is before[1] and after[2] == before[2]:
             # The block left the HPACK table as it was (indexed fields and literals without
             # indexing, e.g. gRPC's authorization): the same bytes will mean the same headers.
-            if len(block) <= HEADER_CACHE_BLOCK and len(self.header_cache) < HEADER_CACHE_SIZE:
+            owner = self.owner
+            if (
+                len(block) <= HEADER_CACHE_BLOCK
+                and len(self.header_cache) < HEADER_CACHE_SIZE
+                and owner.header_cache_entries < HEADER_CACHE_TOTAL
+            ):
                 self.header_cache[block] = headers
+                owner.header_cache_entries += 1
         else:
+            self.owner.header_cache_entries -= len(self.header_cache)
             self.header_cache.clear()
         return headers
 
@@ -603,11 +817,16 @@ class _Connection(asyncio.Protocol):
             if flags & END_STREAM and not stream.remote_closed:
                 stream.remote_closed = True
                 self._dispatch(stream)
+            else:
+                self._control()
             return
         if stream_id <= self.last_stream:
+            self._control()
             return  # a stream we already answered or reset: what follows is moot
         self.last_stream = stream_id
         if self.going_away or len(self.streams) >= OUR_MAX_STREAMS:
+            if not self.resets.spend(self.now):
+                raise self._calm("too many refused streams")
             self.write(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
             return
         path = headers.get(b":path", b"")
@@ -616,28 +835,39 @@ class _Connection(asyncio.Protocol):
         authorization = headers.get(b"authorization")
         if authorization is not None:
             bearer = parse_bearer(authorization.decode("latin-1"))
-        stream = _Stream(self, stream_id, method, bearer, headers.get(b"grpc-encoding"),
-                         self.peer_window)  # fmt: skip
+        stream = _Stream(self, stream_id, method, bearer, headers.get(b"grpc-encoding"))
         self.streams[stream_id] = stream
         stream.remote_closed = bool(flags & END_STREAM)
         if headers.get(b":method") != b"POST":
+            self._control()
             self._http_error(stream, b"405")
             return
         content_type = headers.get(b"content-type", b"")
         if not (content_type == b"application/grpc" or content_type.startswith(
             (b"application/grpc+", b"application/grpc;")
         )):  # fmt: skip
+            self._control()
             self._http_error(stream, b"415")
             return
         if not method:
+            self._control()
             self.send_trailers(stream, "UNIMPLEMENTED", f"unknown method {path.decode('latin-1')}")
             return
-        try:
-            # Refuse a call whose token is wrong now, before buffering any of its request.
-            self.service.admit(method, bearer)
-        except core.CoreError as err:
-            self.send_trailers(stream, err.code, err.message)
-            return
+        if method is _HEALTH_CHECK or method is _HEALTH_WATCH:
+            self._control()  # probes ask every few seconds; nobody needs more
+        else:
+            try:
+                # Refuse a call whose token is wrong now, before buffering any of its request.
+                self.service.admit(method, bearer)
+            except core.CoreError as err:
+                self._control()
+                self.send_trailers(stream, err.code, err.message)
+                return
+            if method == "Subscribe" and self.owner.open_joins and not self.joins.spend(self.now):
+                self._control()
+                message = "too many Subscribe calls on this connection; retry later"
+                self.send_trailers(stream, "UNAVAILABLE", message)
+                return
         if stream.remote_closed:
             self._dispatch(stream)
 
@@ -666,13 +896,18 @@ class _Connection(asyncio.Protocol):
             raise _CallError("INTERNAL", f"invalid compressed-flag byte {flag}")
         encoding = (stream.encoding or b"identity").decode("latin-1")
         if encoding in ("gzip", "deflate"):
+            # Inflate at most the limit of the call (a gzip bomb stops there): unauthenticated
+            # calls (Subscribe, health) are small; the rest is bounded by max_message_bytes.
+            limit = self.max_message if stream.method in _AUTHENTICATED else MAX_SUBSCRIBE_REQUEST
             inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
             try:
-                plain = inflater.decompress(message, self.max_message + 1)
+                plain = inflater.decompress(message, limit + 1)
             except zlib.error as err:
                 raise _CallError("INTERNAL", f"cannot decompress the request: {err}") from None
-            if len(plain) > self.max_message:
-                raise _CallError("RESOURCE_EXHAUSTED", "decompressed request over the limit")
+            if len(plain) > limit:
+                raise _CallError(
+                    "RESOURCE_EXHAUSTED", f"decompressed request over the limit of {limit} bytes"
+                )
             if not inflater.eof or inflater.unused_data:
                 raise _CallError("INTERNAL", f"truncated or trailing {encoding} data")
             return plain
@@ -683,8 +918,13 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, stream: _Stream) -> None:
         if stream.local_closed:
             return
+        control = self.control
+        control.level = control.level - CALL_CREDIT if control.level > CALL_CREDIT else 0.0
         try:
             message = self._request(stream)
+            if stream.method is _HEALTH_CHECK or stream.method is _HEALTH_WATCH:
+                self._health(stream, message)
+                return
             if stream.method == "Subscribe":
                 worker_id = self.service.subscribe(message, stream.bearer, stream)
                 if stream.local_closed or stream.trailers is not None:
@@ -704,6 +944,28 @@ class _Connection(asyncio.Protocol):
             return
         self.send_message(stream, response)
         self.send_trailers(stream, "OK", "")
+
+    def _health(self, stream: _Stream, message: bytes) -> None:
+        health = self.owner.health
+        try:
+            name = health.check_request(message)
+        except ValueError as err:
+            raise _CallError("INVALID_ARGUMENT", str(err)) from None
+        status = health.status(name)
+        if stream.method is _HEALTH_CHECK:
+            if status is None:
+                raise _CallError("NOT_FOUND", f"unknown service {name!r}")
+            self.send_message(stream, health.response(status))
+            self.send_trailers(stream, "OK", "")
+            return
+        # Watch: the status now, then every change, until the client cancels.
+        self.send_message(stream, health.response(SERVICE_UNKNOWN if status is None else status))
+        if status is not None:
+
+            def changed(new: int) -> None:
+                self.send_message(stream, health.response(new))
+
+            stream.unwatch = health.watch(changed)
 
     # ------------------------------------------------------------------ keepalive
 
@@ -743,6 +1005,10 @@ class Http2Transport:
         self.service = service
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
+        self.header_cache_entries = 0  # over all connections (HEADER_CACHE_TOTAL)
+        # Without a join token anyone may Subscribe: joins per connection are then capped.
+        self.open_joins = not service.config.join_token
+        self.health = Health()
         self._ssl: ssl.SSLContext | None = None
         if tls_cert is not None and tls_key is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -760,6 +1026,8 @@ class Http2Transport:
         )
         self._server = server
         self._keepalive = loop.create_task(self._run_keepalive())
+        self.health.follow(self.service)
+        self.service.metrics.health = self.health
         return int(server.sockets[0].getsockname()[1])
 
     async def _run_keepalive(self) -> None:
@@ -777,7 +1045,11 @@ class Http2Transport:
         server.close()
         if self._keepalive is not None:
             self._keepalive.cancel()
+        self.health.stop()
         for conn in list(self.connections):
+            # Health Watch calls last as long as the client wants: end them now.
+            for stream in [s for s in conn.streams.values() if s.unwatch is not None]:
+                conn.send_trailers(stream, "UNAVAILABLE", "server stopping")
             conn.goaway(NO_ERROR, "server stopping", close=not conn.streams)
         deadline = time.monotonic() + (grace or 0.0)
         while any(c.streams for c in self.connections) and time.monotonic() < deadline:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 __all__ = ["ServerMetrics"]
 
@@ -75,6 +82,8 @@ class ServerMetrics:
             "evochi_reward_mean", "Mean reward of the last completed epoch.", registry=r
         )
         self._leave_reasons: set[str] = set()
+        # The transport's serving status (evochi.server.health.Health), for /healthz.
+        self.health: Any = None
 
     def leave(self, reason: str) -> None:
         # Reasons carry details ("evaluate task deadline missed"); keep the label set small.
@@ -83,6 +92,39 @@ class ServerMetrics:
             key = "other"
         self.leaves.labels(key).inc()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` over HTTP on ``port`` (in a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` and ``/healthz`` over HTTP on ``port`` (in a daemon thread).
+
+        ``/healthz``: 200 ``SERVING`` while the server serves its training, 503
+        ``NOT_SERVING`` once it has finished or is stopping (see evochi.server.health).
+        Returns the port (0 picks a free one)."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO") == "/healthz":
+                serving = self.health is None or self.health.serving
+                body = b"SERVING\n" if serving else b"NOT_SERVING\n"
+                status = "200 OK" if serving else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "text/plain"),
+                                        ("Content-Length", str(len(body)))])  # fmt: skip
+                return [body]
+            return metrics_app(environ, start_response)
+
+        server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+        httpd = make_server(host, port, app, server_class=server_class,
+                            handler_class=_QuietHandler)  # fmt: skip
+        threading.Thread(target=httpd.serve_forever, daemon=True, name="evochi-metrics").start()
+        return int(httpd.server_port)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
+        pass

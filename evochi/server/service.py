@@ -135,6 +135,7 @@ class EvochiService:
                 straggler_reissue=config.straggler_reissue,
                 straggler_factor=config.straggler_factor,
                 straggler_min_seconds=config.straggler_min_seconds,
+                heartbeat_before_work=config.heartbeat_before_work,
             ),
             token_factory=JwtIssuer(config.jwt_secret),
             snapshot=snapshot,
@@ -247,7 +248,8 @@ class EvochiService:
     def _heartbeat(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)
         req = self._decode(pb.HeartbeatRequest, request)
-        self.core.heartbeat(worker_id, req.seq_id, time.monotonic())
+        # The first heartbeat proves the worker reads its stream: it may get work now.
+        self._execute(self.core.heartbeat(worker_id, req.seq_id, time.monotonic()))
         return _OK
 
     def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:

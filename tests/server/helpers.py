@@ -58,13 +58,17 @@ class StubWorker:
     def auth(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {token or self.token}"),)
 
-    async def subscribe(self) -> pb.HelloEvent:
+    async def subscribe(self, prove: bool = True) -> pb.HelloEvent:
+        """Join and read hello; ``prove``: then send heartbeat 1 at once, as real clients
+        do (the server gives work only after it, to workers that read their stream)."""
         self.call = self.stub.Subscribe(
             pb.SubscribeRequest(cores=self.cores), metadata=self._metadata or None
         )
         event = await self.next_event()
         assert event.type == pb.EVENT_TYPE_HELLO, event
         self.hello = event.hello
+        if prove:
+            await self.heartbeat()
         return event.hello
 
     async def read(self, timeout: float | None = 10.0) -> Any:

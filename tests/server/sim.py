@@ -26,6 +26,9 @@ class SimWorker:
     seq: int = 0
     closed: bool = False
     hung: bool = False  # stops heartbeating and answering, like a frozen process
+    # Reads its hello and sends heartbeat 1 at once, as real clients do; False: a peer that
+    # subscribes and never reads its stream (never learns its token, never heartbeats).
+    reads: bool = True
 
 
 class Sim:
@@ -49,11 +52,14 @@ class Sim:
     # ------------------------------------------------------------------ plumbing
 
     def apply(self, commands: list[core.Command]) -> list[core.Command]:
+        greeted: list[SimWorker] = []
         for c in commands:
             if isinstance(c, core.Send):
                 w = self.workers.get(c.worker_id)
                 if w is not None and not w.closed:
                     w.inbox.append(c.event)
+                    if isinstance(c.event, core.Hello) and w.reads and not w.hung:
+                        greeted.append(w)
             elif isinstance(c, core.Close):
                 if c.worker_id in self.workers:
                     self.workers[c.worker_id].closed = True
@@ -65,11 +71,16 @@ class Sim:
                 self.left.append(c)
         if self.check:
             self.t.check_invariants()
+        for w in greeted:
+            # Heartbeat 1 right after hello (what proves the worker reads its stream).
+            if not w.closed and w.seq == 0:
+                w.seq = 1
+                self.apply(self.t.heartbeat(w.id, 1, self.now))
         return commands
 
-    def join(self, cores: int) -> SimWorker:
+    def join(self, cores: int, reads: bool = True) -> SimWorker:
         worker_id, commands = self.t.join(cores, self.now)
-        w = SimWorker(worker_id, cores)
+        w = SimWorker(worker_id, cores, reads=reads)
         self.workers[worker_id] = w
         self.apply(commands)
         return w
@@ -85,9 +96,9 @@ class Sim:
         self.now += dt
         if heartbeat:
             for w in self.live():
-                if w.token is not None and not w.hung:
+                if w.token is not None and not w.hung and w.seq > 0:
                     w.seq += 1
-                    self.t.heartbeat(w.id, w.seq, self.now)
+                    self.apply(self.t.heartbeat(w.id, w.seq, self.now))
         self.apply(self.t.tick(self.now))
 
     # ------------------------------------------------------------------ a correct worker
@@ -98,7 +109,7 @@ class Sim:
 
     def step(self, w: SimWorker) -> bool:
         """Handle the oldest event in ``w``'s inbox like a correct worker would."""
-        if w.closed or w.hung or not w.inbox:
+        if w.closed or w.hung or not w.reads or not w.inbox:
             return False
         event = w.inbox.pop(0)
         t, now = self.t, self.now

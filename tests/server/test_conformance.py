@@ -295,7 +295,7 @@ def test_heartbeat_out_of_order_is_failed_precondition() -> None:
     async def scenario() -> None:
         async with EmbeddedServer(config(population_size=4)) as server:
             w = StubWorker(server.address, cores=4)
-            await w.subscribe()
+            await w.subscribe(prove=False)  # every heartbeat by hand
             await expect_error(w.heartbeat(2), FAILED_PRECONDITION)
             assert (await w.heartbeat(1)).ok
             await expect_error(w.heartbeat(1), FAILED_PRECONDITION)
@@ -490,7 +490,7 @@ def test_stop_ends_every_stream_and_late_joiners_get_stop() -> None:
             assert (await b_task)[-1].type == pb.EVENT_TYPE_STOP
             await server.wait_finished(timeout=5)
             late = StubWorker(server.address, 2)
-            hello = await late.subscribe()
+            hello = await late.subscribe(prove=False)
             assert hello.state == b"state-2"
             # A heartbeat sent before the client reads the stop is harmless, not an error.
             assert (await late.heartbeat(1)).ok

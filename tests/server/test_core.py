@@ -230,7 +230,7 @@ def test_empty_states_are_rejected() -> None:
 
 def test_heartbeats_must_be_in_order() -> None:
     sim = Sim(population_size=4)
-    w = sim.join(4)
+    w = sim.join(4, reads=False)  # heartbeats by hand below
     t = sim.t
     with pytest.raises(core.FailedPrecondition):
         t.heartbeat(w.id, 2, 0.0)
@@ -605,7 +605,7 @@ def test_short_timeouts_still_allow_two_heartbeat_intervals() -> None:
     sim = Sim(population_size=4, worker_timeout=1.0, straggler_reissue=False)
     a, b = started(sim, 4, 4)  # a holds every member; b idle
     assert b.inbox == [] and sim.t.heartbeat_interval == 1
-    sim.t.heartbeat(b.id, 1, 0.0)
+    sim.t.heartbeat(b.id, 2, 0.0)  # the sim sent heartbeat 1 right after hello
     sim.apply(sim.t.tick(1.5))  # 1.5 s without a heartbeat: within two 1 s intervals
     assert b.id in sim.t.workers
     sim.apply(sim.t.tick(2.01))

@@ -6,6 +6,7 @@ import asyncio
 import random
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import evochi.v1 as evochi
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
 from evochi.v1 import evochi_pb2 as pb
 from tests.server.helpers import StubWorker, play, reward_of, run
-from tests.server.workers import HistoryWorker, expected, make
+from tests.server.workers import HistoryWorker, expected
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -68,6 +69,17 @@ def test_tls_server_trains_over_a_secure_channel_and_refuses_plaintext(
 class SlowFirstEpoch(HistoryWorker):
     def evaluate(self, epoch: int, slices: list[slice]) -> list[evochi.Eval]:
         self.evaluate_delay = 1.0 if epoch == 1 else 0.0
+        self.started.set()
+        return super().evaluate(epoch, slices)
+
+
+class WaitsForSlowFirstEpoch(HistoryWorker):
+    """Evaluates its half of epoch 1 only once the slow worker has the other half (it gets
+    work one heartbeat after its hello; this worker would otherwise take both halves)."""
+
+    def evaluate(self, epoch: int, slices: list[slice]) -> list[evochi.Eval]:
+        if epoch == 1:
+            self.slow_started.wait(30)
         return super().evaluate(epoch, slices)
 
 
@@ -79,10 +91,12 @@ def test_straggler_slices_are_reissued_and_the_late_result_discarded() -> None:
             population_size=20, max_epochs=6, worker_timeout=6, straggler_min_seconds=0.2
         )
         async with EmbeddedServer(config, on_epoch=summaries.append) as server:
-            fast = make(server, cores=10)
+            fast = WaitsForSlowFirstEpoch(server.address, cores=10)
+            fast.loop = asyncio.get_running_loop()
             fast.optimize_delay = 0.25
             slow = SlowFirstEpoch(server.address, cores=10)
             slow.loop = asyncio.get_running_loop()
+            slow.started = fast.slow_started = threading.Event()
             # Both are there before initialization ends: each gets half of epoch 1.
             await asyncio.gather(fast.start(), slow.start())
             assert any(e == 1 for e, _, _ in slow.evaluated)

@@ -5,12 +5,14 @@ dead peers are dropped; the server keeps serving its honest workers throughout."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import os
 import struct
 
 import grpc
 import grpc.aio
+import hpack
 import pytest
 
 from evochi.server import EmbeddedServer, ServerConfig
@@ -36,7 +38,8 @@ def goaway_code(frames: list[h2raw.Frame]) -> int | None:
 async def initialized(
     server: EmbeddedServer, state: bytes, metadata: list[tuple[str, str]] | None = None
 ) -> StubWorker:
-    """A first worker that has initialized the training with ``state``."""
+    """A first worker that has initialized the training with ``state`` (it has sent
+    heartbeat 1: its next is 2)."""
     worker = StubWorker(server.address, cores=1, metadata=metadata or ())
     await worker.subscribe()
     task = (await worker.expect(pb.EVENT_TYPE_INITIALIZE)).initialize.task_id
@@ -77,7 +80,7 @@ def test_broken_connections_get_goaway_and_the_server_keeps_serving() -> None:
             client = await RawClient.connect(server.port)
             client.request(SERVICE + "Heartbeat", None)
             await client.close()
-            for seq in range(1, 4):
+            for seq in range(2, 5):
                 assert (await honest.heartbeat(seq)).ok
             await asyncio.sleep(0.1)
             assert len(server._server.connections) == 1  # only the honest worker's
@@ -92,7 +95,7 @@ def test_bad_calls_end_with_a_grpc_status_on_a_connection_that_lives_on() -> Non
             honest = await initialized(server, b"s")
             auth = [("authorization", f"Bearer {honest.token}")]
             client = await RawClient.connect(server.port)
-            beat = pb.HeartbeatRequest(seq_id=1).SerializeToString()
+            beat = pb.HeartbeatRequest(seq_id=2).SerializeToString()
 
             async def call(path: str, body: bytes | None, **kw: object) -> dict[str, str]:
                 kw["extra"] = [*auth, *kw.get("extra", [])]  # type: ignore[list-item]
@@ -177,9 +180,10 @@ def test_strangers_are_refused_from_their_headers_and_oversized_uploads_are_cut(
             client.send(frame(h2raw.DATA, h2raw.END_STREAM, stream_id, b"\x00" * 1000))
             # A join uploads at most 64 KiB (a SubscribeRequest is one int).
             stream_id = client.request(SERVICE + "Subscribe", None, keep_open=True, extra=join)
-            client.send(frame(h2raw.DATA, 0, stream_id, b"\x00" * 70_000))
+            for _ in range(2):  # frames are at most 64 KiB (OUR_MAX_FRAME)
+                client.send(frame(h2raw.DATA, 0, stream_id, b"\x00" * 35_000))
             assert (await client.response(stream_id)).status["grpc-status"] == "8"
-            beat = grpc_message(pb.HeartbeatRequest(seq_id=1).SerializeToString())
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=2).SerializeToString())
             stream_id = client.request(SERVICE + "Heartbeat", beat, extra=auth)
             assert (await client.response(stream_id)).status["grpc-status"] == "0"
             await client.close()
@@ -243,21 +247,16 @@ def test_hostile_header_blocks_and_ping_floods_cost_little() -> None:
             client.send(frame(h2raw.HEADERS, h2raw.END_HEADERS, 1, b"\x20" * 40_000))
             assert goaway_code(await client.until_closed()) == transport.PROTOCOL_ERROR
             await client.close()
-            # A peer that floods PINGs and never reads: its input is paused, memory bounded.
+            # A peer that floods PINGs: answered up to its budget, then GOAWAY(ENHANCE_YOUR_CALM).
             flooder = await RawClient.connect(server.port)
-            ping = frame(h2raw.PING, 0, 0, b"12345678") * 4096
-            for _ in range(600):  # up to 40 MiB of PINGs
-                flooder.send(ping)
-                try:
-                    await asyncio.wait_for(flooder.writer.drain(), 0.2)
-                except TimeoutError:
-                    break  # the server stopped reading: TCP pushes back on us
-            await asyncio.sleep(0.2)
-            backlog = max(c.transport.get_write_buffer_size() for c in server._server.connections)
-            assert backlog < 4 * 1024 * 1024
-            for seq in range(1, 4):  # the honest worker is served all along
+            flooder.send(frame(h2raw.PING, 0, 0, b"12345678") * 5000)
+            frames = await flooder.until_closed()
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            acks = sum(1 for f in frames if f.kind == h2raw.PING)
+            assert acks < 1.5 * transport.CONTROL_BUDGET[1], acks  # (it drains meanwhile)
+            for seq in range(2, 5):  # the honest worker is served all along
                 assert (await honest.heartbeat(seq)).ok
-            flooder.writer.transport.abort()
+            await flooder.close()
             await honest.close()
 
     run(scenario())
@@ -323,8 +322,9 @@ def test_gzip_compressing_grpc_clients_are_served() -> None:
             call = stub.Subscribe(pb.SubscribeRequest(cores=1))
             hello = (await call.read()).hello
             auth = (("authorization", f"Bearer {hello.token}"),)
-            task = (await call.read()).initialize.task_id
+            # Work (here: initialize) comes after the first heartbeat.
             assert (await stub.Heartbeat(pb.HeartbeatRequest(seq_id=1), metadata=auth)).ok
+            task = (await call.read()).initialize.task_id
             request = pb.FinishInitializationRequest(task_id=task, state=state)
             assert (await stub.FinishInitialization(request, metadata=auth)).ok
             late = StubWorker(server.address, cores=1)
@@ -391,5 +391,182 @@ def test_stop_sends_goaway_and_ends_streams_with_unavailable() -> None:
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ended.value.details() == "server stopping"
         await worker.close()
+
+    run(scenario())
+
+
+# --------------------------------------------------------------------------- hostile peers
+# The limits of docs/server.md#limits, each checked by what the server sends back; what the
+# attacks cost honest training is measured in test_adversarial.py.
+
+
+async def calm_after(client: RawClient, data: bytes) -> list[h2raw.Frame]:
+    """Send ``data``; every frame until the server closes the connection."""
+    client.send(data)
+    return await client.until_closed(timeout=10)
+
+
+def test_control_frame_floods_end_with_enhance_your_calm() -> None:
+    floods = {
+        "SETTINGS": frame(h2raw.SETTINGS, 0, 0),
+        "PRIORITY": frame(2, 0, 1, b"\x00\x00\x00\x00\x10"),
+        "unknown type": frame(0xFA, 0, 0, b"????"),
+        "connection WINDOW_UPDATE": frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)),
+        "RST_STREAM of a closed stream": frame(h2raw.RST_STREAM, 0, 1, struct.pack(">I", 8)),
+    }
+
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            for name, one in floods.items():
+                client = await RawClient.connect(server.port)
+                frames = await calm_after(client, one * 5000)
+                assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM, name
+                await client.close()
+            # CONTINUATION frames that add nothing to a header block, forever.
+            client = await RawClient.connect(server.port)
+            start = frame(h2raw.HEADERS, 0, 1, client.encoder.encode([(":method", "POST")]))
+            frames = await calm_after(client, start + frame(9, 0, 1) * 5000)
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            assert (await honest.heartbeat(2)).ok  # served all along
+            await honest.close()
+
+    run(scenario())
+
+
+def test_rapid_reset_and_settings_with_many_entries_end_the_connection() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            client = await RawClient.connect(server.port)
+            burst = b""
+            for _ in range(400):  # Subscribe, then reset at once (CVE-2023-44487)
+                stream_id = client.next_stream
+                client.request(SERVICE + "Subscribe", grpc_message(b"\x08\x01"))
+                burst += frame(h2raw.RST_STREAM, 0, stream_id, struct.pack(">I", 8))
+            frames = await calm_after(client, burst)
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            # No join outlived its reset.
+            assert len(server.service.core.workers) == 1
+            entries = struct.pack(">HI", 4, 65_535) * (transport.MAX_SETTINGS_ENTRIES + 1)
+            client = await RawClient.connect(server.port)
+            frames = await calm_after(client, frame(h2raw.SETTINGS, 0, 0, entries))
+            assert goaway_code(frames) == transport.ENHANCE_YOUR_CALM
+            await client.close()
+            assert (await honest.heartbeat(2)).ok
+            await honest.close()
+
+    run(scenario())
+
+
+def test_streams_joins_and_the_header_cache_are_capped_per_connection() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            # Unfinished streams: MAX_CONCURRENT_STREAMS is advertised and enforced.
+            client = await RawClient.connect(server.port)
+            settings = await client.read_frame()
+            assert settings is not None and settings.kind == h2raw.SETTINGS
+            advertised = dict(
+                struct.unpack_from(">HI", settings.payload, i)
+                for i in range(0, len(settings.payload), 6)
+            )
+            assert advertised[3] == transport.OUR_MAX_STREAMS
+            beat = grpc_message(pb.HeartbeatRequest(seq_id=2).SerializeToString())
+            auth = [("authorization", f"Bearer {honest.token}")]
+            ids = [
+                client.request(SERVICE + "Heartbeat", None, keep_open=True, extra=auth)
+                for _ in range(transport.OUR_MAX_STREAMS + 1)
+            ]
+            refused = await client.response(ids[-1])
+            assert refused.reset == transport.REFUSED_STREAM
+            client.send(frame(h2raw.DATA, h2raw.END_STREAM, ids[0], beat))
+            assert (await client.response(ids[0])).status["grpc-status"] == "0"
+            await client.close()
+            # Joins per connection: past the budget, UNAVAILABLE (clients retry later).
+            client = await RawClient.connect(server.port)
+            burst = int(transport.JOIN_BUDGET[1])
+            codes = []
+            for _ in range(burst + 10):
+                stream_id = client.request(SERVICE + "Subscribe", None, keep_open=True)
+                client.send(frame(h2raw.RST_STREAM, 0, stream_id, struct.pack(">I", 8)))
+            probe = client.request(SERVICE + "Subscribe", None, keep_open=True)
+            codes.append((await client.response(probe)).status.get("grpc-status"))
+            assert codes == ["14"]  # UNAVAILABLE
+            await client.close()
+            # Distinct header blocks: the decoded-header cache stays capped.
+            client = await RawClient.connect(server.port)
+            fields = [(":method", "POST"), (":path", "/no.Such/M"),
+                      ("content-type", "application/grpc")]  # fmt: skip
+            for i in range(3 * transport.HEADER_CACHE_SIZE):
+                unindexed = [hpack.NeverIndexedHeaderTuple(n, v) for n, v in fields]
+                block = hpack.Encoder().encode(
+                    [*unindexed, hpack.NeverIndexedHeaderTuple("x", str(i))]
+                )
+                ends = h2raw.END_HEADERS | h2raw.END_STREAM
+                client.send(frame(h2raw.HEADERS, ends, client.next_stream, block))
+                client.next_stream += 2
+            assert (await client.response(client.next_stream - 2)).status["grpc-status"] == "12"
+            (conn,) = [c for c in server._server.connections if len(c.header_cache) > 10]
+            assert len(conn.header_cache) == transport.HEADER_CACHE_SIZE
+            assert server._server.header_cache_entries <= transport.HEADER_CACHE_TOTAL
+            await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_a_window_update_flood_costs_no_walk_over_stalled_streams() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            # Window 0 for every stream: the Hello of each join waits in its stream.
+            client = await RawClient.connect(server.port, settings=struct.pack(">HI", 4, 0))
+            for _ in range(20):
+                client.request(SERVICE + "Subscribe", grpc_message(b"\x08\x01"))
+            await asyncio.sleep(0.5)
+            (conn,) = [c for c in server._server.connections if len(c.streams) >= 20]
+            # Waiting for their own window, not the connection's: a connection-level
+            # WINDOW_UPDATE has nothing to walk.
+            assert len(conn.stalled) == 20 and not conn.blocked
+            # A larger INITIAL_WINDOW_SIZE releases them all, in one frame.
+            client.send(frame(h2raw.SETTINGS, 0, 0, struct.pack(">HI", 4, 1 << 20)))
+            await asyncio.sleep(0.5)
+            assert not conn.stalled and not conn.blocked
+            await client.close()
+            await honest.close()
+
+    run(scenario())
+
+
+def test_a_peer_that_never_reads_its_answers_stops_being_read() -> None:
+    async def scenario() -> None:
+        async with EmbeddedServer(ServerConfig(population_size=8, worker_timeout=30)) as server:
+            honest = await initialized(server, b"s")
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            encoder = hpack.Encoder()
+            fields = [(":method", "POST"), (":path", "/no.Such/M"),
+                      ("content-type", "application/grpc")]  # fmt: skip
+            ends = h2raw.END_HEADERS | h2raw.END_STREAM
+            # The first block enters the fields into the HPACK table; the rest index them.
+            writer.write(h2raw.PREFACE + frame(h2raw.SETTINGS, 0, 0)
+                         + frame(h2raw.HEADERS, ends, 1, encoder.encode(fields)))  # fmt: skip
+            block = encoder.encode(fields)
+            stream_id = 3
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                for _ in range(200):
+                    batch = b""
+                    for _ in range(500):
+                        batch += frame(h2raw.HEADERS, ends, stream_id, block)
+                        stream_id += 2
+                    writer.write(batch)
+                    await asyncio.wait_for(writer.drain(), 0.5)
+            backlog = [c.transport.get_write_buffer_size() for c in server._server.connections]
+            assert max(backlog) < 1 << 20  # answers queued: bounded, whatever was sent
+            assert (await honest.heartbeat(2)).ok
+            writer.transport.abort()
+            await honest.close()
 
     run(scenario())
