@@ -114,6 +114,11 @@ class EmbeddedServer:
         """Return once max_epochs were run and stop was sent (TimeoutError after ``timeout``)."""
         await asyncio.wait_for(self.service.finished.wait(), timeout)
 
+    async def wait_drained(self, timeout: float | None = None) -> bool:
+        """After the finish: wait until every worker has its stop and every late result
+        (a straggler's) was answered, at most ``timeout`` seconds; whether it drained."""
+        return await self.service.wait_drained(timeout)
+
     async def stop_training(self) -> None:
         """Ends the training early: every worker gets stop (its `start()` returns), the
         server keeps serving (late joiners are told the training finished). `epoch` and
@@ -127,6 +132,9 @@ class EmbeddedServer:
         if server is None or service is None:
             return
         self._server = None
+        if service.finished.is_set():
+            # A finished training: let stragglers' late results get their OK first.
+            await service.wait_drained(self.config.worker_timeout)
         await service.close()
         await server.stop(grace)
 
