@@ -81,16 +81,20 @@ class EmbeddedServer:
         if config.state_dir is not None:
             store = CheckpointStore(Path(config.state_dir))
             checkpoint = store.load()
-            if checkpoint is not None:
+            if checkpoint is not None:  # (the configuration alone until epoch 1 starts)
                 stored = checkpoint.config.get("population_size")
                 if stored != config.population_size:
                     raise CheckpointError(
                         f"{store.path} holds a training with population size {stored}, "
                         f"not {config.population_size}"
                     )
+            if checkpoint is not None and checkpoint.state is not None:
                 snapshot = TrainingSnapshot(epoch=checkpoint.epoch, state=checkpoint.state)
                 log.info("continuing the training in %s at epoch %d", store.path,
                          checkpoint.epoch)  # fmt: skip
+            # Stored before serving: a server killed before epoch 1 restarts from the
+            # directory alone.
+            await asyncio.to_thread(store.store_config, checkpoint, config.stored_fields())
             writer = CheckpointWriter(store)
         service = EvochiService(
             config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
