@@ -8,7 +8,6 @@ evochi-torch worker examples.mujoco:MujocoWorker --server HOST:8080 --devices al
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -18,11 +17,13 @@ from typing import Any
 
 from evochi_torch.config import ESConfig
 from evochi_torch.launch import (
+    Terminated,
     WorkerProcesses,
     WorkerSpec,
     default_threads,
     load_class,
     parse_devices,
+    run_until_signalled,
     spread,
     train,
 )
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_epochs=args.max_epochs,
                 worker_timeout=args.worker_timeout,
             )
-            result = asyncio.run(
+            result = run_until_signalled(
                 train(
                     spec,
                     server_config,
@@ -222,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
             root_certificates=root,
             log_level=args.log_level.upper(),
         )
-        return asyncio.run(_run_workers(spec, args.server, placed, args.restart))
+        return run_until_signalled(_run_workers(spec, args.server, placed, args.restart))
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        # SIGTERM / SIGHUP end the launcher as Ctrl-C does; the shell's code for the signal.
+        print(f"terminated by {exc}; workers stopped", file=sys.stderr)
+        return 128 + exc.signum
 
 
 async def _run_workers(spec: WorkerSpec, server: str, devices: list[str], restart: bool) -> int:
