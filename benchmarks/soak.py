@@ -25,6 +25,7 @@ import time
 from benchmarks.load import (
     Ledger,
     ProgressWorker,
+    StubWorker,
     free_port,
     open_fds,
     rss_mb,
@@ -41,6 +42,7 @@ async def run_soak(
     warmup: int,
     transport: str = "http2",
     seed: int = 0,
+    stub: bool = False,
 ) -> dict[str, float]:
     port = free_port()
     server = start_server(port, population, epochs, transport, worker_timeout=10.0)
@@ -59,10 +61,11 @@ async def run_soak(
     try:
         await wait_for_port(port, server)
         address = f"127.0.0.1:{port}"
-        pool: dict[ProgressWorker, asyncio.Task[None]] = {}
+        pool: dict[ProgressWorker | StubWorker, asyncio.Task[None]] = {}
 
         def join() -> None:
-            worker = ProgressWorker(address, cores, ledger, progress)
+            kind = StubWorker if stub else ProgressWorker
+            worker = kind(address, cores, ledger, progress)
             pool[worker] = asyncio.create_task(worker.start())
 
         for _ in range(workers):
@@ -98,8 +101,8 @@ async def run_soak(
                 for worker in rng.sample(list(pool), max(1, workers // 4)):
                     # close() cancels whatever the worker is doing: mid-task departures.
                     task = pool.pop(worker)
-                    await worker.close()
                     task.cancel()
+                    await worker.close()
                     join()
         results = await asyncio.wait_for(asyncio.gather(*pool.values(), return_exceptions=True), 60)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -143,6 +146,9 @@ def main() -> None:
     parser.add_argument("--churn-every", type=int, default=5, help="epochs between churns")
     parser.add_argument("--warmup", type=int, default=200, help="epoch of the first RSS reading")
     parser.add_argument("--transport", choices=("http2", "grpcio"), default="http2")
+    parser.add_argument(
+        "--stub", action="store_true", help="raw-stub workers instead of evochi.v1.Worker"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     result = asyncio.run(
@@ -153,6 +159,7 @@ def main() -> None:
             args.churn_every,
             args.warmup,
             args.transport,
+            stub=args.stub,
         )
     )
     print(
