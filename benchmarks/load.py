@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -404,6 +405,8 @@ def main() -> None:
     parser.add_argument("--transport", choices=("http2", "grpcio"), default="http2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    # SIGTERM as Ctrl-C: the run is cancelled and its server process stopped, not orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.scale:
         args.server_process = args.stub = True
     workers = args.workers or (256 if args.scale else 64)

@@ -151,6 +151,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    # SIGTERM as Ctrl-C: the run is cancelled and its server process stopped, not orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     result = asyncio.run(
         run_soak(
             args.epochs,
