@@ -131,14 +131,17 @@ class EmbeddedServer:
         await self.wait_finished()
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """End all streams, wait up to ``grace`` seconds for RPCs in flight, flush state."""
+        """End all streams, wait up to ``grace`` seconds for RPCs in flight (and, after a
+        finished training, for stragglers' late results), flush state."""
         server, service = self._server, self._service
         if server is None or service is None:
             return
         self._server = None
         if service.finished.is_set():
-            # A finished training: let stragglers' late results get their OK first.
-            await service.wait_drained(self.config.worker_timeout)
+            # A finished training: stragglers' late results get their OK first, within the
+            # grace period (wait_drained() waits longer: a worker killed after its stop
+            # never sends its result, so only the task deadline ends that wait).
+            await service.wait_drained(grace or 0.0)
         await service.close()
         await server.stop(grace)
 
