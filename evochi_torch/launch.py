@@ -52,6 +52,12 @@ class Terminated(Exception):
         self.signum = signum
 
 
+def _handled(signals: Sequence[int]) -> list[int]:
+    """The signals not ignored since this process started: a launcher run under `nohup`
+    (or in a shell's background, which ignores SIGINT) keeps ignoring what it was told to."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(coro)``, where SIGTERM and SIGHUP cancel ``coro`` as Ctrl-C does (so
     that WorkerProcesses and servers in it stop cleanly), then raise :class:`Terminated`."""
@@ -67,7 +73,7 @@ def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
                 received.append(signum)
                 task.cancel()
 
-        for signum in STOP_SIGNALS:
+        for signum in _handled(STOP_SIGNALS):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, on_signal, signum)
         try:
@@ -251,7 +257,7 @@ async def _run_child(cls: type, spec: WorkerSpec, address: str, device: str) -> 
 
     # SIGTERM: from the supervisor, or the kernel when the launcher died; SIGHUP: the
     # terminal went away.
-    for signum in STOP_SIGNALS:
+    for signum in _handled(STOP_SIGNALS):
         signal.signal(signum, on_signal)
     _watch_parent(leave)
     try:

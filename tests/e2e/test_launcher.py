@@ -54,10 +54,19 @@ def test_train_runs_an_embedded_server_and_local_workers() -> None:
     assert "trained epochs=3" in out.stdout
 
 
+def default_signals() -> None:
+    """In the child before exec: Ctrl-C and hang-up as in a terminal. A suite run in a
+    shell's background (or under nohup) passes SIGINT/SIGHUP on ignored, and a launcher
+    rightly keeps ignoring them: a signal test would wait for ever."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _start_worker_cli(target: str, address: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         launcher("worker", target, "--server", address, *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        preexec_fn=default_signals,
     )  # fmt: skip
 
 

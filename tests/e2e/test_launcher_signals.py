@@ -29,10 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
 
 
+def default_signals() -> None:
+    """In the child before exec: signals as in a terminal (see test_launcher.py)."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "evochi_torch", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
+        preexec_fn=default_signals,  # SIGHUP as in a terminal, even if the suite runs under nohup
     )  # fmt: skip
 
 
