@@ -78,8 +78,8 @@ def test_worker_crashes_are_reported() -> None:
             proc = _start_worker_cli(
                 "toy_workers:CrashOnFirstTask", server.address, "--workers", "2"
             )
-            while proc.poll() is None:
-                await asyncio.sleep(0.1)
+            # Bounded: pytest-timeout cannot be relied on to interrupt a busy event loop.
+            await asyncio.to_thread(proc.wait, 100)
             return proc.returncode, proc.stderr.read()
 
     code, stderr = asyncio.run(main())
@@ -99,8 +99,7 @@ def test_ctrl_c_stops_every_worker_cleanly() -> None:
                 await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGINT)
             sent = time.monotonic()
-            while proc.poll() is None:
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(proc.wait, 100)
             waited = time.monotonic() - sent
             # With every worker gone the training cannot advance.
             await asyncio.sleep(1.0)
