@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,20 +56,29 @@ def test_train_runs_an_embedded_server_and_local_workers() -> None:
     assert "trained epochs=3" in out.stdout
 
 
-def default_signals() -> None:
-    """In the child before exec: Ctrl-C and hang-up as in a terminal. A suite run in a
+@contextlib.contextmanager
+def terminal_signals() -> Iterator[None]:
+    """Ctrl-C and hang-up reach processes started inside as in a terminal. A suite run in a
     shell's background (or under nohup) passes SIGINT/SIGHUP on ignored, and a launcher
-    rightly keeps ignoring them: a signal test would wait for ever."""
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+    rightly keeps ignoring them: a signal test would wait for ever. (Not preexec_fn: Python
+    code between fork and exec in a process with gRPC threads can deadlock or abort.)"""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
+    # Handlers, unlike SIG_IGN, are reset to the default by exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def _start_worker_cli(target: str, address: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        launcher("worker", target, "--server", address, *extra),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-        preexec_fn=default_signals,
-    )  # fmt: skip
+    with terminal_signals():
+        return subprocess.Popen(
+            launcher("worker", target, "--server", address, *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
 
 
 @pytest.mark.timeout(120)

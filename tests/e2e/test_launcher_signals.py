@@ -7,13 +7,14 @@ survivors are looked up by pid in /proc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +30,27 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
 
 
-def default_signals() -> None:
-    """In the child before exec: signals as in a terminal (see test_launcher.py)."""
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+@contextlib.contextmanager
+def terminal_signals() -> Iterator[None]:
+    """Ctrl-C and hang-up reach processes started inside as in a terminal, even when the
+    suite runs in a shell's background or under nohup (see test_launcher.py)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
+    # Handlers, unlike SIG_IGN, are reset to the default by exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
 
 
 def launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "evochi_torch", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
-        preexec_fn=default_signals,  # SIGHUP as in a terminal, even if the suite runs under nohup
-    )  # fmt: skip
+    with terminal_signals():  # SIGHUP as in a terminal, even if the suite runs under nohup
+        return subprocess.Popen(
+            [sys.executable, "-m", "evochi_torch", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV,
+        )  # fmt: skip
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
