@@ -11,7 +11,6 @@ evochi-torch worker examples.mujoco:HalfCheetah --server HOST:8080 --devices all
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 import os
@@ -22,11 +21,13 @@ from typing import Any
 
 from evochi_torch.config import ESConfig
 from evochi_torch.launch import (
+    Terminated,
     WorkerProcesses,
     WorkerSpec,
     default_threads,
     load_class,
     parse_devices,
+    run_until_signalled,
     spread,
 )
 from evochi_torch.ray import add_ray_flags
@@ -317,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             root_certificates=root,
             log_level=args.log_level.upper(),
         )
-        return asyncio.run(_run_workers(spec, args.server, placed, args.restart))
+        return run_until_signalled(_run_workers(spec, args.server, placed, args.restart))
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        # SIGTERM / SIGHUP end the launcher as Ctrl-C does; the shell's code for the signal.
+        print(f"terminated by {exc}; workers stopped", file=sys.stderr)
+        return 128 + exc.signum
 
 
 def _train(
@@ -360,7 +365,9 @@ def _train(
     )
     try:
         trainer = Trainer(args.target, None if args.resume else config, run)
-        result = trainer.fit()
+        # SIGTERM/SIGHUP stop the training as Ctrl-C does (the checkpoint is kept), then
+        # main() reports them.
+        result = run_until_signalled(trainer.fit_async())
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -4,26 +4,86 @@ One process per worker: each owns its device, its torch threads and its event lo
 crash (or a CUDA error) takes down one worker, never the server or its peers. Processes
 are started with the "spawn" method because forking a process that already runs torch
 threads or a CUDA context is unsafe.
+
+Worker processes never outlive their launcher: SIGTERM, SIGHUP (and Ctrl-C) make the
+launcher stop them, and each one also watches its parent (Linux parent-death signal, and
+the parent's sentinel pipe everywhere), so even a launcher killed by SIGKILL takes its
+workers with it. A worker told to stop leaves the training cleanly (the server re-assigns
+its work at once) and exits without waiting for an evaluation still running in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import importlib
 import inspect
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("evochi_torch.launch")
+
+T = TypeVar("T")
+# Signals that end a launcher as Ctrl-C does (systemd, SLURM, Kubernetes and `kill` send
+# SIGTERM; a closed terminal or SSH session, SIGHUP).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+# A worker told to stop gets this long to leave the training cleanly, then exits anyway.
+LEAVE_SECONDS = 1.5
+_PR_SET_PDEATHSIG = 1
+
+
+class Terminated(Exception):
+    """The launcher received SIGTERM or SIGHUP (its workers are stopped)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _handled(signals: Sequence[int]) -> list[int]:
+    """The signals not ignored since this process started: a launcher run under `nohup`
+    (or in a shell's background, which ignores SIGINT) keeps ignoring what it was told to."""
+    return [s for s in signals if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+def run_until_signalled(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coro)``, where SIGTERM and SIGHUP cancel ``coro`` as Ctrl-C does (so
+    that WorkerProcesses and servers in it stop cleanly), then raise :class:`Terminated`."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            if not received:
+                received.append(signum)
+                task.cancel()
+
+        for signum in _handled(STOP_SIGNALS):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if received:
+                raise Terminated(received[0]) from None
+            raise
+
+    return asyncio.run(main())
 
 
 def load_class(path: str) -> type:
@@ -103,10 +163,24 @@ class WorkerSpec:
     log_level: str = "WARNING"
 
 
-def _child_main(spec: WorkerSpec, address: str, device: str, index: int) -> None:
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: the kernel sends SIGTERM when the launcher dies, even by SIGKILL. (The
+    parent's sentinel pipe, watched in _run_child, covers other systems and this one too.)"""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(0)  # the launcher died before the parent-death signal was armed
+
+
+def _child_main(
+    spec: WorkerSpec, address: str, device: str, index: int, parent_pid: int | None = None
+) -> None:
     # Ctrl-C reaches the whole process group; the supervisor alone handles it and stops
     # the children with SIGTERM, so they leave cleanly instead of dying mid-traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s worker{index} %(levelname)s %(name)s: %(message)s",
@@ -116,7 +190,36 @@ def _child_main(spec: WorkerSpec, address: str, device: str, index: int) -> None
 
         torch.set_num_threads(spec.threads)
     cls = load_class(spec.target)
-    asyncio.run(_run_child(cls, spec, address, device))
+    code = 0
+    try:
+        asyncio.new_event_loop().run_until_complete(_run_child(cls, spec, address, device))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    # An evaluation stopped mid-way still runs in its thread; its result is not wanted, and
+    # a normal exit (asyncio.run, interpreter shutdown) would wait for it to finish.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _watch_parent(on_death: Callable[[], None]) -> None:
+    """Calls ``on_death`` (from a thread) once the launcher is gone, however it ended."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def wait() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        on_death()
+
+    threading.Thread(target=wait, name="evochi-parent-watch", daemon=True).start()
 
 
 async def _run_child(cls: type, spec: WorkerSpec, address: str, device: str) -> None:
@@ -136,9 +239,27 @@ async def _run_child(cls: type, spec: WorkerSpec, address: str, device: str) -> 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    # SIGTERM from the supervisor: leave the training cleanly (the server re-assigns our
-    # slices at once instead of waiting for the heartbeat timeout).
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    leaving = threading.Event()
+
+    def leave() -> None:
+        # Leave the training cleanly (the server re-assigns our slices at once instead of
+        # waiting for the heartbeat timeout), but never take longer than LEAVE_SECONDS.
+        if leaving.is_set():
+            return
+        leaving.set()
+        threading.Timer(LEAVE_SECONDS, os._exit, (0,)).start()
+        loop.call_soon_threadsafe(task.cancel)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A plain handler (not loop.add_signal_handler): it runs even while a coroutine
+        # hook keeps the event loop busy.
+        leave()
+
+    # SIGTERM: from the supervisor, or the kernel when the launcher died; SIGHUP: the
+    # terminal went away.
+    for signum in _handled(STOP_SIGNALS):
+        signal.signal(signum, on_signal)
+    _watch_parent(leave)
     try:
         await worker.start()
     except asyncio.CancelledError:
@@ -193,7 +314,7 @@ class WorkerProcesses:
     def _spawn(self, index: int) -> Any:
         proc = self._ctx.Process(
             target=_child_main,
-            args=(self.spec, self.address, self.devices[index], index),
+            args=(self.spec, self.address, self.devices[index], index, os.getpid()),
             name=f"evochi-worker-{index}",
         )
         proc.start()

@@ -48,6 +48,12 @@ async def serve(config: ServerConfig) -> None:
     finished = loop.create_task(server.service.finished.wait())
     stopping = loop.create_task(stop.wait())
     await asyncio.wait({finished, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        # A clean end: keep serving until every worker has its stop and every straggler's
+        # late result got its OK (at most the worker timeout), so no client sees an error.
+        drained = loop.create_task(server.service.wait_drained(config.worker_timeout))
+        await asyncio.wait({drained, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
     if stop.is_set():
         log.info("shutting down")
     finished.cancel()

@@ -63,7 +63,7 @@ __all__ = [
 # steps; a worker further behind is dropped (it rejoins and receives the state in hello).
 REWARD_HISTORY = 4
 # Tokens of workers that saw the training finish stay valid for their late heartbeats and
-# results (answered as stale); beyond this many, the oldest are forgotten.
+# results (accepted and discarded); beyond this many, the oldest are forgotten.
 RETIRED_LIMIT = 4096
 
 
@@ -394,10 +394,14 @@ class Training:
 
         self.workers: dict[str, WorkerInfo] = {}
         self._tokens: dict[str, str] = {}
-        # Workers stopped when the training finished: their late calls are answered as
-        # stale (not UNAUTHENTICATED) so that they wind down cleanly. Never mutates anything.
+        # Workers stopped when the training finished: their late calls are accepted and
+        # discarded (OK, not an error) so that every client winds down cleanly at a normal
+        # end. Never mutates the training.
         self._retired: dict[str, str] = {}
         self._retired_ids: set[str] = set()
+        # Retired workers that held a task when the training finished: a result is still on
+        # its way (a straggler still evaluating), due by the task's deadline at the latest.
+        self._outstanding: dict[str, float] = {}
         self._tasks: dict[str, Task] = {}
         # Insertion-ordered sets (dicts) so that scheduling is deterministic.
         self._idle: dict[str, None] = {}
@@ -431,6 +435,15 @@ class Training:
         if self.stage is Stage.DONE:
             return TrainingSnapshot(epoch=self.epoch + 1, state=self.state)
         return TrainingSnapshot(epoch=self.epoch, state=self.state)
+
+    def outstanding_results(self, now: float) -> int:
+        """After the finish: how many stopped workers may still send the result of the task
+        they held (until that task's deadline). A server that exits before these arrive
+        makes those clients see an error at a normal end."""
+        expired = [wid for wid, deadline in self._outstanding.items() if now > deadline]
+        for wid in expired:
+            del self._outstanding[wid]
+        return len(self._outstanding)
 
     def authenticate(self, token: str) -> str:
         """The id of the live worker holding ``token``; UNAUTHENTICATED otherwise."""
@@ -543,6 +556,8 @@ class Training:
     def finish_initialization(
         self, worker_id: str, task_id: str, state: bytes, now: float
     ) -> list[Command]:
+        if worker_id in self._retired_ids:
+            return self._late_result(worker_id)
         w = self._worker(worker_id)
         task = self._task(w, task_id, INITIALIZE)
         if not state:
@@ -568,6 +583,8 @@ class Training:
         now: float,
     ) -> list[Command]:
         """``evaluations``: (start, end, rewards) per slice, in any order."""
+        if worker_id in self._retired_ids:
+            return self._late_result(worker_id)
         w = self._worker(worker_id)
         task = self._task(w, task_id, EVALUATE)
         arrays, metrics = self._validate_evaluations(task, evaluations)
@@ -602,6 +619,8 @@ class Training:
         return out
 
     def finish_optimization(self, worker_id: str, task_id: str, now: float) -> list[Command]:
+        if worker_id in self._retired_ids:
+            return self._late_result(worker_id)
         w = self._worker(worker_id)
         task = self._task(w, task_id, OPTIMIZE)
         out: list[Command] = []
@@ -615,6 +634,8 @@ class Training:
     def finish_share_state(
         self, worker_id: str, task_id: str, state: bytes, now: float
     ) -> list[Command]:
+        if worker_id in self._retired_ids:
+            return self._late_result(worker_id)
         w = self._worker(worker_id)
         task = self._task(w, task_id, SHARE_STATE)
         if not state:
@@ -707,11 +728,14 @@ class Training:
     def _worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
         if w is None:
-            if worker_id in self._retired_ids:
-                # A result still in flight when the training ended: stale, not an intruder.
-                raise FailedPrecondition("the training has finished")
             raise Unauthenticated("unknown or expired worker")
         return w
+
+    def _late_result(self, worker_id: str) -> list[Command]:
+        """A result of a worker stopped with the training: accepted and discarded, so that
+        its client ends normally (the training, and its state, are final)."""
+        self._outstanding.pop(worker_id, None)
+        return []
 
     def _task(self, w: WorkerInfo, task_id: str, kind: str) -> Task:
         task = w.task
@@ -1004,6 +1028,8 @@ class Training:
     def _stop_all(self, out: list[Command]) -> None:
         remaining = len(self.workers)
         for w in list(self.workers.values()):
+            if w.task is not None:
+                self._outstanding[w.id] = w.task.deadline
             if not w.hello_sent:
                 out.append(Send(w.id, self._hello_event(w.id, w.token)))
             out.append(Send(w.id, Stop(self._ids.next("stop"))))
@@ -1027,7 +1053,9 @@ class Training:
         self._retired_ids.add(worker_id)
         while len(self._retired) > RETIRED_LIMIT:
             oldest = next(iter(self._retired))
-            self._retired_ids.discard(self._retired.pop(oldest))
+            forgotten = self._retired.pop(oldest)
+            self._retired_ids.discard(forgotten)
+            self._outstanding.pop(forgotten, None)
 
     def _schedule(self, now: float, out: list[Command]) -> None:
         """Hand work to idle workers and move the training forward."""

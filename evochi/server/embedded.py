@@ -116,16 +116,20 @@ class EmbeddedServer:
         if config.state_dir is not None:
             store = CheckpointStore(Path(config.state_dir))
             checkpoint = store.load()
-            if checkpoint is not None:
+            if checkpoint is not None:  # (the configuration alone until epoch 1 starts)
                 stored = checkpoint.config.get("population_size")
                 if stored != config.population_size:
                     raise CheckpointError(
                         f"{store.path} holds a training with population size {stored}, "
                         f"not {config.population_size}"
                     )
+            if checkpoint is not None and checkpoint.state is not None:
                 snapshot = TrainingSnapshot(epoch=checkpoint.epoch, state=checkpoint.state)
                 log.info("continuing the training in %s at epoch %d", store.path,
                          checkpoint.epoch)  # fmt: skip
+            # Stored before serving: a server killed before epoch 1 restarts from the
+            # directory alone.
+            await asyncio.to_thread(store.store_config, checkpoint, config.stored_fields())
             writer = CheckpointWriter(store)
         if snapshot is None and self.initial_state is None and config.initial_state_file:
             self.initial_state = _read_state_file(config.initial_state_file)
@@ -159,6 +163,11 @@ class EmbeddedServer:
         """Return once max_epochs were run and stop was sent (TimeoutError after ``timeout``)."""
         await asyncio.wait_for(self.service.finished.wait(), timeout)
 
+    async def wait_drained(self, timeout: float | None = None) -> bool:
+        """After the finish: wait until every worker has its stop and every late result
+        (a straggler's) was answered, at most ``timeout`` seconds; whether it drained."""
+        return await self.service.wait_drained(timeout)
+
     async def stop_training(self) -> None:
         """Ends the training early: every worker gets stop (its `start()` returns), the
         server keeps serving (late joiners are told the training finished). `epoch` and
@@ -167,11 +176,17 @@ class EmbeddedServer:
         await self.wait_finished()
 
     async def stop(self, grace: float | None = 1.0) -> None:
-        """End all streams, wait up to ``grace`` seconds for RPCs in flight, flush state."""
+        """End all streams, wait up to ``grace`` seconds for RPCs in flight (and, after a
+        finished training, for stragglers' late results), flush state."""
         server, service = self._server, self._service
         if server is None or service is None:
             return
         self._server = None
+        if service.finished.is_set():
+            # A finished training: stragglers' late results get their OK first, within the
+            # grace period (wait_drained() waits longer: a worker killed after its stop
+            # never sends its result, so only the task deadline ends that wait).
+            await service.wait_drained(grace or 0.0)
         await service.close()
         await server.stop(grace)
 

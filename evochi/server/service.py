@@ -145,6 +145,9 @@ class EvochiService:
         self._notice_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
+        # Set once finished and every worker's stream has ended and every result still
+        # owed (a straggler's) has arrived: a server may exit without failing a client.
+        self.drained = asyncio.Event()
         # (id of the epoch's reward array, its packed little-endian float32 bytes)
         self._rewards_cache: tuple[int, bytes] | None = None
         # Prometheus children of the per-member metrics, by name (labels() costs a lock).
@@ -171,6 +174,25 @@ class EvochiService:
     def finish_training(self) -> None:
         """Sends stop to every worker now and marks the training finished."""
         self._execute(self.core.finish_now())
+
+    async def wait_drained(self, timeout: float | None = None) -> bool:
+        """After the finish, waits until no worker is still owed an answer (see
+        ``drained``), at most ``timeout`` seconds; returns whether it drained."""
+        self._check_drained()
+        try:
+            await asyncio.wait_for(self.drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _check_drained(self) -> None:
+        if (
+            self.finished.is_set()
+            and not self.drained.is_set()
+            and not self._streams
+            and self.core.outstanding_results(time.monotonic()) == 0
+        ):
+            self.drained.set()
 
     async def close(self, reason: str = "server stopping") -> None:
         """End every stream (UNAVAILABLE: the worker may reconnect) and the background tasks."""
@@ -233,6 +255,7 @@ class EvochiService:
         self._streams.pop(worker_id, None)
         if worker_id in self.core.workers:
             self._execute(self.core.leave(worker_id, time.monotonic(), "left"))
+        self._check_drained()
 
     def unary(self, method: str, request: bytes, bearer: str | None) -> bytes:
         """The serialized response of a unary call; raises CoreError when rejected."""
@@ -240,10 +263,13 @@ class EvochiService:
         if handler is None:
             raise KeyError(method)
         try:
-            return handler(request, bearer)
+            response = handler(request, bearer)
         except core.CoreError as err:
             self._rejected(method, err)
             raise
+        if self.finished.is_set():
+            self._check_drained()  # a straggler's late result may be the last one owed
+        return response
 
     def _heartbeat(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)
@@ -459,6 +485,7 @@ class EvochiService:
                 return
             if isinstance(item, core.TrainingFinished):
                 self.finished.set()
+                self._check_drained()
                 continue
             try:
                 result = self.on_epoch(item)  # type: ignore[misc]
@@ -474,5 +501,6 @@ class EvochiService:
             await asyncio.sleep(interval)
             try:
                 self._execute(self.core.tick(time.monotonic()))
+                self._check_drained()  # owed results past their deadline are given up
             except Exception:
                 log.exception("tick failed")

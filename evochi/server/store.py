@@ -1,8 +1,12 @@
 """The checkpoint in ``--state-dir``: the epoch to run next, its start state, the configuration.
 
+The configuration is stored when the server starts, before any state exists (a checkpoint
+without state), so that a server killed at any moment restarts from the directory alone.
+
 One file, replaced atomically (temp file, fsync, rename, fsync of the directory), so a crash
 at any moment leaves either the previous or the new checkpoint, never a torn one. Layout:
-magic line, 8-byte big-endian header length, JSON header, state bytes (checked by SHA-256).
+magic line, 8-byte big-endian header length, JSON header, state bytes (checked by SHA-256;
+none before the first state: a state is never empty).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class CheckpointError(RuntimeError):
 @dataclass(frozen=True)
 class Checkpoint:
     epoch: int  # the epoch this state starts
-    state: bytes
+    state: bytes | None  # None: no state yet (the configuration alone)
     config: dict[str, Any]
 
 
@@ -62,16 +66,25 @@ class CheckpointStore:
         state = data[pos + size :]
         if len(state) != length or hashlib.sha256(state).hexdigest() != digest:
             raise CheckpointError(f"{self.path}: the state is truncated or corrupt")
-        return Checkpoint(epoch=epoch, state=state, config=config)
+        return Checkpoint(epoch=epoch, state=state or None, config=config)
+
+    def store_config(self, checkpoint: Checkpoint | None, config: dict[str, Any]) -> None:
+        """Writes ``config`` next to ``checkpoint`` (the loaded one, None if there is none)
+        unless it is already stored: called when a server starts."""
+        if checkpoint is None:
+            self.save(Checkpoint(epoch=1, state=None, config=config))
+        elif checkpoint.config != config:
+            self.save(Checkpoint(checkpoint.epoch, checkpoint.state, config))
 
     def save(self, checkpoint: Checkpoint) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        state = checkpoint.state or b""
         header = json.dumps(
             {
                 "format": 1,
                 "epoch": checkpoint.epoch,
-                "state_bytes": len(checkpoint.state),
-                "state_sha256": hashlib.sha256(checkpoint.state).hexdigest(),
+                "state_bytes": len(state),
+                "state_sha256": hashlib.sha256(state).hexdigest(),
                 "config": checkpoint.config,
                 "saved_at": time.time(),
             },
@@ -82,7 +95,7 @@ class CheckpointStore:
             f.write(MAGIC)
             f.write(len(header).to_bytes(8, "big"))
             f.write(header)
-            f.write(checkpoint.state)
+            f.write(state)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)

@@ -83,7 +83,10 @@ def test_sigkill_at_every_phase_and_churn_change_nothing(fault_free) -> None:
             try:
                 # The first worker dies while initializing; the others join meanwhile.
                 groups.append(WorkerProcesses(spec("initialize"), server.address, ["cpu"]).start())
-                await asyncio.sleep(0.3)
+                # Joined, so it holds the initialize task (a fixed head start is not enough
+                # on a loaded machine: another worker could join first and initialize).
+                while not server.service.core.workers:
+                    await asyncio.sleep(0.01)
                 for point in [*doomed, ""]:
                     groups.append(WorkerProcesses(spec(point, 3), server.address, ["cpu"]).start())
                 for join_epoch in late_joins:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,11 +58,29 @@ def test_train_runs_an_embedded_server_and_local_workers(tmp_path) -> None:
     assert "trained epochs=3" in out.stdout
 
 
+@contextlib.contextmanager
+def terminal_signals() -> Iterator[None]:
+    """Ctrl-C and hang-up reach processes started inside as in a terminal. A suite run in a
+    shell's background (or under nohup) passes SIGINT/SIGHUP on ignored, and a launcher
+    rightly keeps ignoring them: a signal test would wait for ever. (Not preexec_fn: Python
+    code between fork and exec in a process with gRPC threads can deadlock or abort.)"""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
+    # Handlers, unlike SIG_IGN, are reset to the default by exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def _start_worker_cli(target: str, address: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        launcher("worker", target, "--server", address, *extra),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )  # fmt: skip
+    with terminal_signals():
+        return subprocess.Popen(
+            launcher("worker", target, "--server", address, *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )  # fmt: skip
 
 
 @pytest.mark.timeout(120)
@@ -71,8 +91,8 @@ def test_worker_crashes_are_reported() -> None:
             proc = _start_worker_cli(
                 "toy_workers:CrashOnFirstTask", server.address, "--workers", "2"
             )
-            while proc.poll() is None:
-                await asyncio.sleep(0.1)
+            # Bounded: pytest-timeout cannot be relied on to interrupt a busy event loop.
+            await asyncio.to_thread(proc.wait, 100)
             return proc.returncode, proc.stderr.read()
 
     code, stderr = asyncio.run(main())
@@ -92,8 +112,7 @@ def test_ctrl_c_stops_every_worker_cleanly() -> None:
                 await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGINT)
             sent = time.monotonic()
-            while proc.poll() is None:
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(proc.wait, 100)
             waited = time.monotonic() - sent
             # With every worker gone the training cannot advance.
             await asyncio.sleep(1.0)

@@ -559,9 +559,13 @@ def test_late_calls_after_the_finish_are_stale_not_intruders() -> None:
     assert sim.finished and b.closed and kinds(b)[-1] is core.Stop
     t = sim.t
     assert t.authenticate(b.token or "") == b.id
+    assert t.outstanding_results(sim.now) == 1  # b still owes its evaluation
     assert t.heartbeat(b.id, 1, sim.now) == []  # harmless, accepted
-    with pytest.raises(core.FailedPrecondition, match="finished"):
-        t.finish_evaluation(b.id, late.task_id, [(2, 4, [1.0, 1.0])], sim.now)
+    rewards = t.rewards.copy()
+    # Accepted and discarded: the straggler's client ends normally, nothing changes.
+    assert t.finish_evaluation(b.id, late.task_id, [(2, 4, [99.0, 99.0])], sim.now) == []
+    assert t.outstanding_results(sim.now) == 0
+    assert (t.rewards == rewards).all() and t.finished
     with pytest.raises(core.Unauthenticated):
         t.authenticate("forged")
     del a

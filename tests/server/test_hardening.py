@@ -77,13 +77,12 @@ async def attacker(server: EmbeddedServer, log: list[str]) -> None:
             await expect_error(w.finish_evaluation(ev.task_id, good), CODE.NOT_FOUND)
             log.append("duplicate submission")
         elif event.type == pb.EVENT_TYPE_OPTIMIZE:
-            # Once the last epoch's state is shared (by an honest worker, possibly before
-            # this duplicate arrives) the training is over and every late call is told so.
-            stale = (
-                (CODE.NOT_FOUND, CODE.FAILED_PRECONDITION)
-                if event.optimize.epoch == EPOCHS
-                else CODE.NOT_FOUND
-            )
+            if event.optimize.epoch == EPOCHS:
+                # Once the last epoch's state is shared (by an honest worker, possibly before
+                # this arrives) the training is over: late calls are accepted and discarded.
+                await w.finish_optimization(event.optimize.task_id)
+                continue
+            stale = CODE.NOT_FOUND
             await expect_error(w.finish_optimization("stale-" + event.optimize.task_id), stale)
             await w.finish_optimization(event.optimize.task_id)
             await expect_error(w.finish_optimization(event.optimize.task_id), stale)

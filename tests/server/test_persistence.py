@@ -26,6 +26,8 @@ def test_store_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     loaded = store.load()
     assert loaded == Checkpoint(4, b"next", {"population_size": 5})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.evochi"]
+    store.save(Checkpoint(1, None, {"population_size": 5}))  # the configuration alone
+    assert store.load() == Checkpoint(1, None, {"population_size": 5})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
@@ -152,3 +154,51 @@ def test_checkpoint_file_is_replaced_atomically(tmp_path: Path, monkeypatch) -> 
     monkeypatch.undo()
     loaded = store.load()
     assert loaded is not None and loaded.state == b"old"
+
+
+def test_the_configuration_is_stored_at_startup(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = ServerConfig(population_size=7, max_epochs=3, state_dir=str(tmp_path))
+        async with EmbeddedServer(config):
+            # Before any worker, before any state: the configuration alone.
+            stored = CheckpointStore(tmp_path).load()
+            assert stored == Checkpoint(1, None, config.stored_fields())
+        # Restarted with other settings: they are what a later restart continues with.
+        changed = ServerConfig(population_size=7, max_epochs=9, state_dir=str(tmp_path))
+        async with EmbeddedServer(changed):
+            stored = CheckpointStore(tmp_path).load()
+            assert stored is not None and stored.config["max_epochs"] == 9
+            assert stored.state is None
+
+    run(scenario())
+
+
+def test_server_killed_before_epoch_1_restarts_from_the_directory_alone(tmp_path: Path) -> None:
+    port = free_port()
+    state_dir = str(tmp_path / "state")
+    args = ("--host=127.0.0.1", f"--port={port}", f"--state-dir={state_dir}")
+    env = {"EVOCHI_POPULATION_SIZE": "12", "EVOCHI_MAX_EPOCHS": "3", "EVOCHI_WORKER_TIMEOUT": "4s"}
+    server = cli(*args, env=env)
+    try:
+        wait_for_port(port, server)
+        server.kill()  # SIGKILL: nothing runs at exit; no worker ever joined
+        server.communicate(timeout=20)
+        # Nothing but the directory: population, max epochs and timeout come from it.
+        server = cli(*args)
+
+        async def scenario() -> None:
+            await asyncio.to_thread(wait_for_port, port, server)
+            w = evochi_worker(port)
+            await asyncio.wait_for(w.start(), 60)
+            assert w.population_size == 12 and w.max_epochs == 3
+            assert w.state == expected(12, 3)
+            await w.close()
+
+        run(scenario(), timeout=80)
+        out, _ = server.communicate(timeout=30)
+        assert server.returncode == 0, out
+        assert "training finished after epoch 3" in out
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
