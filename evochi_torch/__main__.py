@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         from evochi_torch import ray  # imports Ray, an optional extra
 
         if args.command == "worker":
-            return ray.run_cli(args, config)
+            # Ray gives each actor its CPUs: torch's threads follow them unless --threads says.
+            return ray.run_cli(args, _worker_spec(args, config, args.threads))
         try:
             placement = ray.placement_from_args(args)
         except (ValueError, ray.RayMissingError, ConnectionError) as exc:
@@ -305,19 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args, cls, config, placed, placement)
 
-        root = None
-        if args.tls_ca:
-            with open(args.tls_ca, "rb") as fh:
-                root = fh.read()
-        spec = WorkerSpec(
-            args.target,
-            args.cores or 256,
-            {"config": config},
-            threads,
-            join_token=args.join_token,
-            root_certificates=root,
-            log_level=args.log_level.upper(),
-        )
+        spec = _worker_spec(args, config, threads)
         return run_until_signalled(_run_workers(spec, args.server, placed, args.restart))
     except KeyboardInterrupt:
         print("interrupted; workers stopped", file=sys.stderr)
@@ -326,6 +315,23 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM / SIGHUP end the launcher as Ctrl-C does; the shell's code for the signal.
         print(f"terminated by {exc}; workers stopped", file=sys.stderr)
         return 128 + exc.signum
+
+
+def _worker_spec(args: argparse.Namespace, config: ESConfig, threads: int | None) -> WorkerSpec:
+    """`evochi-torch worker`'s processes (local or Ray actors): connect to --server."""
+    root = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as fh:
+            root = fh.read()
+    return WorkerSpec(
+        args.target,
+        args.cores or 256,
+        {"config": config},
+        threads,
+        join_token=args.join_token,
+        root_certificates=root,
+        log_level=args.log_level.upper(),
+    )
 
 
 def _train(

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -390,6 +390,27 @@ class TrainResult:
     crashed: list[WorkerExit]
 
 
+def early_stop_hook(
+    on_epoch: Callable[[Any], Any] | None,
+) -> tuple[Callable[[Any], Awaitable[None]], asyncio.Event]:
+    """The embedded server's `on_epoch` around a user callback, and the event set once the
+    callback returns True (stop the training early). Sync callbacks run in a thread: one that
+    evaluates or saves must not stall the server."""
+    stop_early = asyncio.Event()
+
+    async def epoch_hook(summary: Any) -> None:
+        if on_epoch is None:
+            return
+        if inspect.iscoroutinefunction(on_epoch):
+            result = await on_epoch(summary)
+        else:
+            result = await asyncio.to_thread(on_epoch, summary)
+        if result is True:
+            stop_early.set()
+
+    return epoch_hook, stop_early
+
+
 async def train(
     spec: WorkerSpec,
     server_config: Any,
@@ -411,18 +432,7 @@ async def train(
     """
     from evochi.server import EmbeddedServer
 
-    stop_early = asyncio.Event()
-
-    async def epoch_hook(summary: Any) -> None:
-        if on_epoch is None:
-            return
-        if inspect.iscoroutinefunction(on_epoch):
-            result = await on_epoch(summary)
-        else:
-            # In a thread: a callback that evaluates or saves must not stall the server.
-            result = await asyncio.to_thread(on_epoch, summary)
-        if result is True:
-            stop_early.set()
+    epoch_hook, stop_early = early_stop_hook(on_epoch)
 
     started = time.perf_counter()
     async with EmbeddedServer(

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from evochi_torch.launch import TrainResult, WorkerExit, WorkerSpec, load_class
+from evochi_torch.launch import TrainResult, WorkerExit, WorkerSpec, early_stop_hook, load_class
 
 __all__ = [
     "RayMissingError",
@@ -343,17 +342,7 @@ async def train_ray(
     ray = _ray()
     if not ray.is_initialized():
         await asyncio.to_thread(connect, "local")
-    stop_early = asyncio.Event()
-
-    async def epoch_hook(summary: Any) -> None:
-        if on_epoch is None:
-            return
-        if inspect.iscoroutinefunction(on_epoch):
-            result = await on_epoch(summary)
-        else:
-            result = await asyncio.to_thread(on_epoch, summary)
-        if result is True:
-            stop_early.set()
+    epoch_hook, stop_early = early_stop_hook(on_epoch)
 
     started = time.perf_counter()
     async with EmbeddedServer(
@@ -449,8 +438,9 @@ def placement_from_args(args: argparse.Namespace) -> RayPlacement:
     return placement
 
 
-def run_cli(args: argparse.Namespace, config: Any) -> int:
-    """`evochi-torch worker ... --ray ...`, after the common flags were checked.
+def run_cli(args: argparse.Namespace, spec: WorkerSpec) -> int:
+    """`evochi-torch worker ... --ray ...` with `spec`'s workers, after the common flags were
+    checked.
 
     (`evochi-torch train --ray` goes through the harness with `placement_from_args`, so that a
     Ray training leaves a run directory like any other.)
@@ -463,7 +453,7 @@ def run_cli(args: argparse.Namespace, config: Any) -> int:
     except KeyboardInterrupt:  # while Ray starts; afterwards signals are handled in _cli_main
         print("interrupted", file=sys.stderr)
         return 130
-    return asyncio.run(_cli_main(args, config, placement))
+    return asyncio.run(_cli_main(args, spec, placement))
 
 
 async def _until_signal(work: Any) -> int | None:
@@ -486,20 +476,7 @@ async def _until_signal(work: Any) -> int | None:
     return 128 + got[0]
 
 
-async def _cli_main(args: argparse.Namespace, config: Any, placement: RayPlacement) -> int:
-    root = None
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as fh:
-            root = fh.read()
-    spec = WorkerSpec(
-        args.target,
-        args.cores or 256,
-        {"config": config},
-        args.threads,
-        join_token=args.join_token,
-        root_certificates=root,
-        log_level=args.log_level.upper(),
-    )
+async def _cli_main(args: argparse.Namespace, spec: WorkerSpec, placement: RayPlacement) -> int:
     workers = await asyncio.to_thread(start_workers, spec, args.server, placement)
     try:
         code = await _until_signal(workers.supervise())
