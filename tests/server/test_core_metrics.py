@@ -41,9 +41,16 @@ def finish_epoch(t: Training, workers: list[str], now: float) -> core.EpochSumma
     return summary_of(out)
 
 
+def join(t: Training, cores: int, now: float) -> tuple[str, list[core.Command]]:
+    """A worker that joins and proves it reads its stream (heartbeat 1), as real clients do:
+    the core hands work only to such workers."""
+    w, out = t.join(cores, now)
+    return w, out + t.heartbeat(w, 1, now)
+
+
 def started(pop: int, cores: int, **config: object) -> tuple[Training, str, core.Evaluate]:
     t = Training(CoreConfig(population_size=pop, worker_timeout=100.0, **config))  # type: ignore[arg-type]
-    w, out = t.join(cores, 0.0)
+    w, out = join(t, cores, 0.0)
     init = sent(out, w, core.Initialize)
     out = t.finish_initialization(w, init.task_id, b"S1", 0.0)
     return t, w, sent(out, w, core.Evaluate)  # type: ignore[return-value]
@@ -52,7 +59,7 @@ def started(pop: int, cores: int, **config: object) -> tuple[Training, str, core
 def test_re_issued_members_keep_the_metrics_of_the_first_result() -> None:
     t, b, original = started(4, 4, straggler_min_seconds=1.0)
     assert original.slices == ((0, 4),)
-    a, _ = t.join(2, 0.0)
+    a, _ = join(t, 2, 0.0)
     copy = sent(t.tick(1.5), a, core.Evaluate)  # b is late: a gets a copy of [0, 2)
     assert copy.slices == ((0, 2),)
     t.finish_evaluation(a, copy.task_id, [(0, 2, rewards(0, 2), [("env_steps", [1, 2])])], 1.6)
