@@ -7,17 +7,19 @@ survivors are looked up by pid in /proc."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# This folder is on sys.path (pytest imports test modules rootdir-relative).
+from test_launcher import terminal_signals
 
 from evochi.server import EmbeddedServer, ServerConfig
 
@@ -28,21 +30,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
-
-
-@contextlib.contextmanager
-def terminal_signals() -> Iterator[None]:
-    """Ctrl-C and hang-up reach processes started inside as in a terminal, even when the
-    suite runs in a shell's background or under nohup (see test_launcher.py)."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
-    # Handlers, unlike SIG_IGN, are reset to the default by exec.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
 
 
 def launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
