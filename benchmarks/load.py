@@ -146,6 +146,54 @@ async def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float =
     raise RuntimeError("the server did not listen")
 
 
+class ChurningPool:
+    """Workers on one server that come and go: `churn` replaces a random quarter of them
+    mid-task (close() cancels whatever a worker is doing), `finish` waits for the rest to be
+    stopped by the server and for a standalone server to exit 0."""
+
+    def __init__(
+        self,
+        address: str,
+        cores: int,
+        ledger: Ledger,
+        progress: asyncio.Event,
+        *,
+        stub: bool,
+        rng: random.Random,
+    ) -> None:
+        self.address, self.cores, self.ledger, self.progress = address, cores, ledger, progress
+        self.kind = StubWorker if stub else ProgressWorker
+        self.rng = rng
+        self.tasks: dict[Any, asyncio.Task[None]] = {}
+
+    def join(self, count: int = 1) -> None:
+        for _ in range(count):
+            worker = self.kind(self.address, self.cores, self.ledger, self.progress)
+            self.tasks[worker] = asyncio.create_task(worker.start())
+
+    async def churn(self) -> None:
+        leaving = self.rng.sample(list(self.tasks), max(1, len(self.tasks) // 4))
+        for worker in leaving:
+            self.tasks.pop(worker).cancel()  # mid-task departures
+            await worker.close()
+        self.join(len(leaving))
+
+    async def finish(self, server: subprocess.Popen[str] | None, timeout: float) -> None:
+        results = await asyncio.wait_for(
+            asyncio.gather(*self.tasks.values(), return_exceptions=True), timeout
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for worker in self.tasks:
+            await worker.close()
+        if errors:
+            raise RuntimeError(f"{len(errors)} workers failed at the end: {errors[0]!r}")
+        if server is None:
+            return
+        code = await asyncio.to_thread(server.wait, timeout)
+        if code != 0:
+            raise RuntimeError(f"the server exited with {code}: {server.communicate()[0][-2000:]}")
+
+
 def own_channel(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own, as a worker process has: channels of one
     process to one target otherwise share one connection."""
@@ -326,16 +374,8 @@ async def run_with_server_process(
     started = time.perf_counter()
     try:
         await wait_for_port(port, server)
-        address = f"127.0.0.1:{port}"
-        pool: dict[Any, asyncio.Task[None]] = {}
-
-        def join() -> None:
-            kind = StubWorker if stub else ProgressWorker
-            worker = kind(address, cores, ledger, progress)
-            pool[worker] = asyncio.create_task(worker.start())
-
-        for _ in range(workers):
-            join()
+        pool = ChurningPool(f"127.0.0.1:{port}", cores, ledger, progress, stub=stub, rng=rng)
+        pool.join(workers)
         last_churn = seen = 0
         while seen < epochs:
             try:
@@ -350,22 +390,8 @@ async def run_with_server_process(
                 marks["end"] = (time.perf_counter(), cpu_seconds(server.pid), seen)
             if churn_every and seen - last_churn >= churn_every and seen < epochs - 1:
                 last_churn = seen
-                for worker in rng.sample(list(pool), max(1, workers // 4)):
-                    task = pool.pop(worker)
-                    task.cancel()  # mid-task departures
-                    await worker.close()
-                    join()
-        results = await asyncio.wait_for(
-            asyncio.gather(*pool.values(), return_exceptions=True), 120
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for worker in pool:
-            await worker.close()
-        if errors:
-            raise RuntimeError(f"{len(errors)} workers failed at the end: {errors[0]!r}")
-        code = await asyncio.to_thread(server.wait, 120)
-        if code != 0:
-            raise RuntimeError(f"the server exited with {code}: {server.communicate()[0][-2000:]}")
+                await pool.churn()
+        await pool.finish(server, 120)
     finally:
         if server.poll() is None:
             server.terminate()

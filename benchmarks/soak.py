@@ -23,9 +23,8 @@ import signal
 import time
 
 from benchmarks.load import (
+    ChurningPool,
     Ledger,
-    ProgressWorker,
-    StubWorker,
     free_port,
     open_fds,
     rss_mb,
@@ -60,16 +59,8 @@ async def run_soak(
     started = time.perf_counter()
     try:
         await wait_for_port(port, server)
-        address = f"127.0.0.1:{port}"
-        pool: dict[ProgressWorker | StubWorker, asyncio.Task[None]] = {}
-
-        def join() -> None:
-            kind = StubWorker if stub else ProgressWorker
-            worker = kind(address, cores, ledger, progress)
-            pool[worker] = asyncio.create_task(worker.start())
-
-        for _ in range(workers):
-            join()
+        pool = ChurningPool(f"127.0.0.1:{port}", cores, ledger, progress, stub=stub, rng=rng)
+        pool.join(workers)
         last_churn = last_report = 0
         seen = 0
         while seen < epochs:
@@ -98,21 +89,8 @@ async def run_soak(
                 )
             if churn_every and seen - last_churn >= churn_every and seen < epochs - 1:
                 last_churn = seen
-                for worker in rng.sample(list(pool), max(1, workers // 4)):
-                    # close() cancels whatever the worker is doing: mid-task departures.
-                    task = pool.pop(worker)
-                    task.cancel()
-                    await worker.close()
-                    join()
-        results = await asyncio.wait_for(asyncio.gather(*pool.values(), return_exceptions=True), 60)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for worker in pool:
-            await worker.close()
-        if errors:
-            raise RuntimeError(f"{len(errors)} workers failed at the end: {errors[0]!r}")
-        code = await asyncio.to_thread(server.wait, 60)
-        if code != 0:
-            raise RuntimeError(f"the server exited with {code}: {server.communicate()[0][-2000:]}")
+                await pool.churn()
+        await pool.finish(server, 60)
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
