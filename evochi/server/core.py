@@ -670,6 +670,7 @@ class Training:
             self.stage = Stage.DONE
             out.append(EpochCompleted(summary))
             out.append(StateChanged(finished_epoch + 1, self.state))
+            self._catch_up_before_stop(now, out)
             self._stop_all(out)
             out.append(TrainingFinished(finished_epoch))
             return out
@@ -1024,6 +1025,21 @@ class Training:
         dup.duplicated = True  # a copy is never copied again
         out.append(Reissued(sum(e - s for s, e in slices)))
         return True
+
+    def _catch_up_before_stop(self, now: float, out: list[Command]) -> None:
+        """Workers that hold an older state when the last epoch ends (a joiner that had not
+        heartbeated yet, or joined while the state was being shared) get the optimize steps
+        they missed before their stop, so that every worker ends with the final state.
+        Nothing waits for these results; each one is accepted and discarded when it comes."""
+        for w in self.workers.values():
+            if not w.hello_sent or w.task is not None or not 0 < w.state_epoch <= self.epoch:
+                continue
+            for epoch in range(w.state_epoch, self.epoch + 1):
+                rewards = self._history.get(epoch)
+                if rewards is None:
+                    break
+                out.append(Send(w.id, Optimize(self._ids.next(OPTIMIZE), epoch, rewards)))
+                self._outstanding[w.id] = now + self._timeout
 
     def _stop_all(self, out: list[Command]) -> None:
         remaining = len(self.workers)

@@ -105,3 +105,25 @@ def test_metrics_reset_every_epoch() -> None:
     second = finish_epoch(t, [w], 0.4)
     assert first.metrics == {"env_steps": 7.0} and second.metrics == {}
     assert not first.member_metrics["env_steps"].flags.writeable
+
+
+def test_a_joiner_during_the_last_share_stops_with_the_final_state() -> None:
+    # B joins while A shares the last epoch's state and has not heartbeated when the training
+    # ends: its hello held the last epoch's start state, so it must get that epoch's optimize
+    # before its stop (else its copy of the state ends one epoch behind everyone else's).
+    t, a, evaluate = started(2, 2, max_epochs=1)
+    out = t.finish_evaluation(a, evaluate.task_id, [(0, 2, rewards(0, 2), [])], 0.1)
+    optimize = sent(out, a, core.Optimize)
+    out = t.finish_optimization(a, optimize.task_id, 0.2)
+    share = sent(out, a, core.ShareState)
+    b, out = t.join(2, 0.3)  # no heartbeat yet
+    assert sent(out, b, core.Hello).state == b"S1"
+    out = t.finish_share_state(a, share.task_id, b"S2", 0.4)
+    events = [c.event for c in out if isinstance(c, core.Send) and c.worker_id == b]
+    kinds = [type(e) for e in events]
+    assert kinds == [core.Optimize, core.Stop], kinds
+    assert events[0].epoch == 1 and list(events[0].rewards) == rewards(0, 2)
+    assert not [c for c in out if isinstance(c, core.Send) and c.worker_id == a
+                and isinstance(c.event, core.Optimize)]  # fmt: skip
+    # Its late FinishOptimization is accepted and discarded.
+    assert t.finish_optimization(b, events[0].task_id, 0.5) == []
