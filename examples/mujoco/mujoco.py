@@ -2,6 +2,7 @@
 
     python -m examples.mujoco HalfCheetah-v5                       # embedded server + 2 workers
     python -m examples.mujoco Hopper-v5 --es.seed 1 --run.env-steps 3000000
+    python -m examples.mujoco Walker2d-v5/ars                      # another strategy's preset
     python -m examples.mujoco HalfCheetah-v5 --run.resume runs/HalfCheetah-v5-s0
     evochi-torch play examples.mujoco:HalfCheetah runs/HalfCheetah-v5-s0 --episodes 10 --gif a.gif
     evochi-torch worker examples.mujoco:HalfCheetah --server HOST:PORT --devices all
@@ -131,13 +132,49 @@ class Args:
     """center-policy episodes at the end (the reported return)"""
 
 
-PRESETS = {env: (f"{env} with its defaults", Args(settings)) for env, settings in SETTINGS.items()}
+# The strategies on these envs. Gradient-style ones (openai_es above, pgpe, snes, sep_cma,
+# cem) keep the example's population and initial sigma and take their own defaults (learning
+# rate, optimizer, fitness shaping; see docs/strategies.md). ARS runs as published (Mania et
+# al. 2018, V2-t: linear policy, survival bonus removed, per-env directions N, top b, step
+# alpha, noise nu from the paper's hyper-parameter table).
+STRATEGIES = ("openai_es", "pgpe", "snes", "sep_cma", "ars", "cem")
+ARS_PAPER = {  # env: (N, b, alpha, nu)
+    "HalfCheetah-v5": (32, 4, 0.02, 0.03),
+    "Hopper-v5": (8, 4, 0.01, 0.025),
+    "Walker2d-v5": (40, 30, 0.03, 0.025),
+    "Ant-v5": (60, 20, 0.015, 0.025),
+}
+
+
+def preset(env: str, strategy: str = "openai_es") -> Args:
+    """The defaults of `python -m examples.mujoco ENV[/STRATEGY]`."""
+    settings = SETTINGS[env]
+    if strategy == "openai_es":
+        return Args(settings)
+    if strategy == "ars":
+        n, b, alpha, nu = ARS_PAPER[env]
+        es = ESConfig(population_size=2 * n, strategy="ars", sigma=nu, learning_rate=alpha,
+                      strategy_options={"top_directions": b})  # fmt: skip
+        return Args(settings.replace(hidden=(), reward_shift=1.0), es)
+    es = ESConfig(population_size=_ES.population_size, sigma=_ES.sigma, strategy=strategy)
+    return Args(settings, es)
+
+
+PRESETS = {env: (f"{env}, OpenAI-ES with Adam", preset(env)) for env in SETTINGS} | {
+    f"{env}/{s}": (
+        f"{env}, " + ("ARS V2-t as published" if s == "ars" else f"{s}, its defaults"),
+        preset(env, s),
+    )
+    for env in SETTINGS
+    for s in STRATEGIES[1:]
+}
 
 
 def run(args: Args) -> tuple[RunResult, float]:
     """Trains; returns the run and the final center return. Used by main(), tests, benchmarks."""
     worker = WORKERS.get(args.env.env_id, MuJoCoES)
-    name = args.run.name or f"{args.env.env_id}-s{args.es.seed}"
+    strategy = "" if args.es.strategy == "openai_es" else f"-{args.es.strategy}"
+    name = args.run.name or f"{args.env.env_id}{strategy}-s{args.es.seed}"
     run_config = dataclasses.replace(args.run, name=name)
     result = Trainer(worker, args.es, run_config, {"settings": args.env}).fit()
     evaluator = offline_worker(worker, result.state)
