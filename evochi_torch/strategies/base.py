@@ -187,7 +187,8 @@ def noise_sums(
     Members sharing a window (antithetic pairs) are merged first in float64 (their ``eps**2``
     is the same, so ``sq`` coefficients add without signs); each coefficient is rounded to
     float32 once and accumulated in first-occurrence order with separate multiplies and adds.
-    Either sum may be skipped (``None``). Peak extra memory: four ``[P]`` buffers.
+    Either sum may be skipped (``None``). Peak extra memory: four ``[P]`` buffers, plus the
+    table's cached squares (:attr:`NoiseTable.squared`) when ``sq`` is given.
     """
     offs = offsets.cpu().numpy().astype(np.int64, copy=False).reshape(-1)
     sgn = signs.cpu().numpy().astype(np.float64).reshape(-1)
@@ -204,6 +205,7 @@ def noise_sums(
         if not all(math.isfinite(c) for c in coef.values()):
             raise ValueError("noise_sums: coefficients must be finite")
     data = table.data
+    squared = table.squared if sq is not None else None
     acc_lin = torch.zeros(num_params, dtype=torch.float32) if lin is not None else None
     acc_sq = torch.zeros(num_params, dtype=torch.float32) if sq is not None else None
     tmp = torch.empty(num_params, dtype=torch.float32)
@@ -217,7 +219,6 @@ def noise_sums(
         if acc_sq is not None:
             c = float(np.float32(c_sq[o]))
             if c != 0.0:
-                torch.mul(window, window, out=tmp)
-                tmp.mul_(c)
+                torch.mul(squared[o : o + num_params], c, out=tmp)
                 acc_sq.add_(tmp)
     return acc_lin, acc_sq

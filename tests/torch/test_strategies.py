@@ -236,3 +236,25 @@ def test_strategy_options_are_validated_with_the_valid_names():
     cfg = ESConfig(population_size=4, strategy="pgpe")
     assert (cfg.lr, cfg.shaping) == (0.15, "centered_rank")
     assert get_strategy("pgpe").make_optimizer(cfg).name == "clipup"
+
+
+def test_noise_sums_read_cached_squares_with_the_bits_of_squaring_each_window():
+    """The squared table is a cache: the sums equal squaring each window in the loop."""
+    from evochi_torch.strategies.base import noise_sums
+
+    config, _, table, _ = _setup("snes")
+    assert torch.equal(table.squared, table.data * table.data)
+    offs, signs = member_offsets(config.seed, 5, NPOP, P, table.size, config.antithetic)
+    lin = np.linspace(-1.0, 1.0, NPOP)
+    sq = np.linspace(0.5, -0.25, NPOP)
+    s_lin, s_sq = noise_sums(table, offs, signs, P, lin, sq)
+    c_sq: dict[int, float] = {}
+    for i, o in enumerate(offs.tolist()):
+        c_sq[o] = c_sq.get(o, 0.0) + float(sq[i])
+    expected = torch.zeros(P)
+    for o, c in c_sq.items():
+        window = table.data[o : o + P]
+        expected.add_((window * window).mul_(float(np.float32(c))))
+    assert torch.equal(s_sq, expected)
+    z = _noise(config, table, 5)
+    _close(s_lin, lin @ z)
