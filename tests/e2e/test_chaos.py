@@ -4,16 +4,14 @@ same bits as a fault-free run, and every member's reward is counted exactly once
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from standalone import train_with_server_crash
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
 from evochi_torch import TorchESState, decode_state
@@ -119,45 +117,11 @@ def test_server_restart_with_state_dir_loses_nothing(
     fault_free, tmp_path: Path, unused_port
 ) -> None:
     ref_state, _ = fault_free
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    command = [
-        sys.executable, "-m", "evochi.server", "--population-size", str(POPULATION),
-        "--max-epochs", str(EPOCHS), "--port", str(unused_port), "--host", "127.0.0.1",
-        "--state-dir", str(tmp_path / "training"), "--worker-timeout", "10s",
-    ]  # fmt: skip
-
-    def start_server() -> subprocess.Popen:
-        return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-
-    async def wait_for_line(proc: subprocess.Popen, needle: str) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            line = await loop.run_in_executor(None, proc.stderr.readline)
-            if not line:
-                raise AssertionError(f"server exited before logging {needle!r}")
-            if needle in line:
-                return
-
-    async def main() -> None:
-        server = start_server()
-        reconnecting = WorkerSpec("toy_workers:DiesAt", cores=7, threads=1, reconnect=True)
-        with WorkerProcesses(reconnecting, f"127.0.0.1:{unused_port}", ["cpu", "cpu"]):
-            try:
-                await wait_for_line(server, "epoch=4 ")
-                server.kill()  # no goodbye: a crash, not a clean shutdown
-                server.wait()
-                server = start_server()
-                await wait_for_line(server, "training finished")
-                # A finished standalone server flushes its state dir and exits by itself.
-                loop = asyncio.get_running_loop()
-                assert await loop.run_in_executor(None, server.wait, 60) == 0
-            finally:
-                server.kill()
-                server.wait()
-
-    run(main(), timeout=280)
-    from evochi.server.store import CheckpointStore
-
-    stored = CheckpointStore(tmp_path / "training").load()
-    assert stored is not None
-    assert_same(decode_state(stored.state), ref_state)
+    reconnecting = WorkerSpec("toy_workers:DiesAt", cores=7, threads=1, reconnect=True)
+    stored = run(
+        train_with_server_crash(reconnecting, population=POPULATION, epochs=EPOCHS,
+                                port=unused_port, state_dir=tmp_path / "training",
+                                crash_after_epoch=4),
+        timeout=280,
+    )  # fmt: skip
+    assert_same(decode_state(stored), ref_state)

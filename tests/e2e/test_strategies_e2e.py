@@ -1,7 +1,7 @@
 """Every strategy keeps the distributed guarantees of OpenAI-ES (whose own tests are in
 test_torch_worker_e2e.py and test_chaos.py): one worker, and several workers with other
-thread counts, SIGKILLed at every phase or joining late, end byte-identical, and every
-member's reward depends only on (seed, epoch, member)."""
+thread counts, SIGKILLed at every phase or joining late, or a SIGKILLed and restarted
+server, end byte-identical, and every member's reward depends only on (seed, epoch, member)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from standalone import train_with_server_crash
 from toy_workers import ToyRegression
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
@@ -99,3 +100,27 @@ def test_distributed_training_with_kills_and_late_joiner_equals_one_process(stra
         np.testing.assert_array_equal(rewards[epoch], expected)
     initial = ToyRegression("127.0.0.1:1", cores=1).initialize()
     assert not torch.equal(ref.params, initial.params)  # it moved
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_server_restart_changes_no_bit(strategy, tmp_path, unused_port) -> None:
+    """The strategy state travels in the training state, which the server stores opaquely:
+    SIGKILL the standalone server mid-training, restart it from its --state-dir, and the
+    reconnecting workers end with the single-process bits."""
+    ref, _ = single_process(strategy)
+    config = ToyRegression.default_config.replace(strategy=strategy)
+    reconnecting = WorkerSpec("toy_workers:DiesAt", cores=7, threads=1, reconnect=True,
+                              kwargs={"config": config})  # fmt: skip
+    stored = run(
+        train_with_server_crash(reconnecting, population=POPULATION, epochs=EPOCHS,
+                                port=unused_port, state_dir=tmp_path / "training",
+                                crash_after_epoch=3),
+        timeout=280,
+    )  # fmt: skip
+    got = decode_state(stored)
+    assert got.config.strategy == strategy and got.epoch == EPOCHS
+    assert torch.equal(ref.params, got.params)
+    assert ref.opt_state.keys() == got.opt_state.keys()
+    for key in ref.opt_state:
+        assert torch.equal(ref.opt_state[key], got.opt_state[key]), key
