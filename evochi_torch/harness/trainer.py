@@ -29,6 +29,7 @@ from ..codec import TorchESState, decode_state, encode_state, load_checkpoint, s
 from ..config import ESConfig
 from ..launch import WorkerExit, WorkerSpec, class_path, load_class, parse_devices, spread
 from ..launch import train as launch_train
+from ..ray import RayPlacement
 from .loggers import Logger, make_loggers, read_metrics
 from .progress import plot_curve, progress_line
 
@@ -97,8 +98,9 @@ class RunConfig:
     worker_timeout: float = 60.0
     restart: bool = False
     log_level: str = "WARNING"
-    ray: Any = None
-    """an `evochi_torch.ray.RayPlacement`: workers are Ray actors instead of local processes"""
+    ray: RayPlacement | None = None
+    """workers as Ray actors instead of local processes (Ray connects to `RAY_ADDRESS` when set,
+    else starts a private local instance; `evochi_torch.ray.connect` first picks another)"""
 
 
 @dataclass
