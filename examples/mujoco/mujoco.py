@@ -24,7 +24,7 @@ import mujoco
 import numpy as np
 import tyro
 
-from evochi_torch import ESConfig
+from evochi_torch import ESConfig, get_strategy
 from evochi_torch.gym import GymSettings, GymWorker
 from evochi_torch.harness import RunConfig, RunResult, Trainer, offline_worker
 
@@ -156,7 +156,10 @@ def preset(env: str, strategy: str = "openai_es") -> Args:
         es = ESConfig(population_size=2 * n, strategy="ars", sigma=nu, learning_rate=alpha,
                       strategy_options={"top_directions": b})  # fmt: skip
         return Args(settings.replace(hidden=(), reward_shift=1.0), es)
-    es = ESConfig(population_size=_ES.population_size, sigma=_ES.sigma, strategy=strategy)
+    # The strategy's options spelled out, so that `--help` lists them as flags.
+    options = dataclasses.asdict(get_strategy(strategy).Options())
+    es = ESConfig(population_size=_ES.population_size, sigma=_ES.sigma, strategy=strategy,
+                  strategy_options={k: v for k, v in options.items() if v is not None})  # fmt: skip
     return Args(settings, es)
 
 

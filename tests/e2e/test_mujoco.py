@@ -83,3 +83,36 @@ def test_top_k_pairs_cancel_out_of_the_update() -> None:
     assert weights[0, 0] == weights[0, 1] and weights[3, 0] == weights[3, 1]
     assert weights[1, 0] != weights[1, 1]
     assert keep_top_pairs(rewards, 4).tolist() == rewards.tolist()
+
+
+@pytest.mark.timeout(300)
+def test_every_strategy_preset_trains_through_the_benchmark_table(tmp_path, capsys) -> None:
+    """Each ENV/STRATEGY preset is a config its strategy accepts; the ARS one is the paper's
+    (linear policy, 2N members, top b); `benchmarks.mujoco --table` runs a pair once (a
+    second call skips it) and tabulates it."""
+    from benchmarks.mujoco import main as bench
+    from evochi_torch import get_strategy
+    from examples.mujoco.mujoco import PRESETS, STRATEGIES
+
+    for env in SETTINGS:
+        for strategy in STRATEGIES:
+            key = env if strategy == "openai_es" else f"{env}/{strategy}"
+            es = PRESETS[key][1].es
+            assert es.strategy == strategy
+            get_strategy(strategy).check_config(es)
+    ars = PRESETS["Walker2d-v5/ars"][1]
+    assert ars.env.hidden == () and ars.es.population_size == 80
+    assert ars.es.strategy_options == {"top_directions": 30}
+    argv = ["--table", "--env-steps", "1", "--envs", "Hopper-v5", "--strategies", "pgpe",
+            "--runs-dir", str(tmp_path), "--", "--env.episode-steps", "30",
+            "--run.max-epochs", "2", "--final-episodes", "1", "--run.quiet"]  # fmt: skip
+    bench(argv)
+    first = capsys.readouterr().out
+    assert "mujoco env=Hopper-v5 strategy=pgpe seed=0 env_steps=" in first
+    result = tmp_path / "table-1" / "Hopper-v5-pgpe-s0" / "result.json"
+    assert result.exists()
+    stamp = result.stat().st_mtime_ns
+    bench(argv)  # resumable: the finished pair is not run again
+    second = capsys.readouterr().out
+    assert "mujoco env=" not in second and result.stat().st_mtime_ns == stamp
+    assert "| pgpe | " in second and "| strategy | Hopper-v5 |" in second
