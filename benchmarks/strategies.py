@@ -3,9 +3,11 @@
 Part 1 (search quality): each strategy minimises each function at each dimension with the same
 population and the same evaluation budget, starting from the same point; it prints the
 evaluations needed to reach the function's target (``inf``: not within the budget) next to the
-reference library's implementation of the same strategy where one is installed (pycma's
-``CMA_diagonal`` for sep_cma: ``pip install -e '.[bench]'``; EvoTorch is not used: it pulls
-ray and pandas)::
+reference library's implementation of the same strategy where one is installed
+(``pip install -e '.[bench]'``): pycma's ``CMA_diagonal`` for sep_cma, EvoTorch for pgpe, snes
+and cem, configured with our strategy's defaults. Where the reference cannot express one of
+our defaults, a ``# reference`` line says so and an extra row runs ours with the reference's
+setting (e.g. ``snes(antithetic=False)``)::
 
     strategies fn=sphere d=100 strategy=sep_cma evals_to_target=N ref_evals_to_target=M ratio=R
 
@@ -15,15 +17,18 @@ today's OpenAI-ES step (``es_step`` with Adam), interleaved repeats, median::
     strategies update npop=1000 params=1000000 strategy=snes seconds=S openai_es_seconds=B ratio=R
 
     python -m benchmarks.strategies [--dims 100,10000] [--fns sphere,rastrigin,rosenbrock]
-        [--budget-per-dim 300] [--update-params 1000000] [--skip-search] [--skip-update]
+        [--budget-per-dim 300] [--seeds 1] [--update-params 1000000] [--skip-search]
+        [--skip-update]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -62,14 +67,21 @@ def population_size(d: int) -> int:
 
 
 def evals_to_target(
-    fn: str, d: int, strategy: str, budget: int, seed: int = 1, antithetic: bool = True
+    fn: str,
+    d: int,
+    strategy: str,
+    budget: int,
+    seed: int = 1,
+    antithetic: bool = True,
+    options: dict[str, float] | None = None,
 ) -> tuple[float, float]:
     """(evaluations until f(center) <= target, best f(center)/d) of one of our strategies."""
     f, x0, sigma, target = PROBLEMS[fn]
     npop = population_size(d)
     config = ESConfig(
-        population_size=npop, strategy=strategy, sigma=sigma, seed=seed, antithetic=antithetic
-    )
+        population_size=npop, strategy=strategy, sigma=sigma, seed=seed, antithetic=antithetic,
+        strategy_options=dict(options or {}),
+    )  # fmt: skip
     s = get_strategy(strategy)
     x = torch.full((d,), x0, dtype=torch.float32)
     table = NoiseTable.for_config(config, d)
@@ -87,66 +99,225 @@ def evals_to_target(
     return math.inf, best
 
 
-def pycma_evals_to_target(
-    fn: str, d: int, budget: int, seed: int = 1
-) -> tuple[float, float] | None:
-    """pycma's sep-CMA-ES (CMA_diagonal) on the same problem: (evaluations to target, best
-    f(mean)/d), or None without pycma."""
+#: Our strategy -> the reference library that implements it (``pip install -e '.[bench]'``).
+REFERENCE_LIBRARY = {"sep_cma": "pycma", "pgpe": "evotorch", "snes": "evotorch", "cem": "evotorch"}
+#: Reference library -> its distribution name (for the version in the ``# reference`` lines).
+LIBRARY_PACKAGE = {"pycma": "cma", "evotorch": "evotorch"}
+
+#: What the reference cannot express of our defaults: printed before the results, so that a
+#: ratio is never read as "same settings" when it is not.
+REFERENCE_DIFFERENCES = {
+    "sep_cma": "pycma CMA_diagonal; samples independently (no mirrored pairs)",
+    "pgpe": "EvoTorch functional pgpe (symmetric, centered ranks, ClipUp with our lr, "
+    "max_speed and momentum, our stdev lr and max change): the same settings",
+    "snes": "EvoTorch's SNES distribution (ExpSeparableGaussian, nes ranking, the same lr and "
+    "sigma lr); samples independently (no mirrored pairs)",
+    "cem": "EvoTorch functional cem (elite fraction 0.5); no std smoothing (std = elite std), "
+    "elite std with Bessel's correction (/(E-1)), elite count floor (ours: round), "
+    "samples independently (no mirrored pairs)",
+}
+
+#: The extra row of ours that drops what the reference cannot express (see
+#: REFERENCE_DIFFERENCES): strategy -> (antithetic, strategy_options).
+SAME_AS_REFERENCE: dict[str, tuple[bool, dict[str, float]]] = {
+    "sep_cma": (False, {}),
+    "snes": (False, {}),
+    "cem": (False, {"std_smoothing": 1.0}),
+}
+
+#: One generation of a reference implementation (ask, evaluate, tell) -> its new center.
+Step = Callable[[], torch.Tensor]
+
+
+def run_reference(step: Step, fn: str, d: int, budget: int) -> tuple[float, float]:
+    """(evaluations until f(center) <= target, best f(center)/d) of a reference ``step``, with
+    the stopping rule of :func:`evals_to_target`: the distribution's center, not the best
+    sample, and as many generations as ours."""
+    f, _, _, target = PROBLEMS[fn]
+    npop = population_size(d)
+    best = math.inf
+    for generation in range(budget // npop):
+        value = float(f(step().double())) / d
+        best = min(best, value)
+        if not math.isfinite(value):
+            break
+        if value <= target:
+            return float((generation + 1) * npop), best
+    return math.inf, best
+
+
+def pycma_step(fn: str, d: int, seed: int) -> Step | None:
+    """pycma's sep-CMA-ES (CMA_diagonal) from our start point, sigma and population; None
+    without pycma."""
     try:
         import cma
     except ImportError:
         return None
-    f, x0, sigma, target = PROBLEMS[fn]
-    npop = population_size(d)
+    f, x0, sigma, _ = PROBLEMS[fn]
     es = cma.CMAEvolutionStrategy(
         [x0] * d,
         sigma,
-        {"CMA_diagonal": True, "popsize": npop, "seed": seed, "verbose": -9,
-         "maxfevals": budget, "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9},
+        {"CMA_diagonal": True, "popsize": population_size(d), "seed": seed, "verbose": -9,
+         "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9},
     )  # fmt: skip
-    evals = 0
-    best = math.inf
-    while evals < budget:
+
+    def step() -> torch.Tensor:
         xs = es.ask()
-        values = f(torch.as_tensor(np.asarray(xs), dtype=torch.float64)).numpy()
-        es.tell(xs, values.tolist())
-        evals += npop
-        # The same criterion as ours: the distribution's mean, not the best sample.
-        mean = torch.as_tensor(np.asarray(es.mean), dtype=torch.float64)
-        value = float(f(mean)) / d
-        best = min(best, value)
-        if value <= target:
-            return float(evals), best
-    return math.inf, best
+        es.tell(xs, f(torch.as_tensor(np.asarray(xs), dtype=torch.float64)).tolist())
+        return torch.as_tensor(np.asarray(es.mean), dtype=torch.float64)
+
+    return step
 
 
-def search(dims: list[int], fns: list[str], budget_per_dim: int, strategies: list[str]) -> None:
+def evotorch_step(strategy: str, fn: str, d: int, seed: int) -> Step | None:
+    """EvoTorch's PGPE / SNES / CEM from our start point, sigma and population, configured
+    with *our* strategy's defaults (read from our classes, so the two cannot drift apart);
+    None without EvoTorch. Float32 parameters like ours, evaluated in float64."""
+    try:
+        import evotorch.algorithms.functional as etf
+        from evotorch.distributions import ExpSeparableGaussian
+    except ImportError:
+        return None
+    f, x0, sigma, _ = PROBLEMS[fn]
+    npop = population_size(d)
+    config = ESConfig(population_size=npop, strategy=strategy, sigma=sigma)
+    opts = get_strategy(strategy).options(config)
+    x = torch.full((d,), x0, dtype=torch.float32)
+    torch.manual_seed(seed)  # EvoTorch samples from torch's global generator
+
+    def evaluate(pop: torch.Tensor) -> torch.Tensor:
+        return f(pop.double())
+
+    if strategy == "pgpe":
+        state = etf.pgpe(
+            center_init=x, center_learning_rate=config.lr,
+            stdev_learning_rate=opts.stdev_learning_rate, objective_sense="min",
+            ranking_method="centered", optimizer="clipup",
+            optimizer_config={"max_speed": config.max_speed or 2.0 * config.lr,
+                              "momentum": config.momentum},
+            stdev_init=sigma, stdev_max_change=opts.stdev_max_change, symmetric=True,
+        )  # fmt: skip
+
+        def step() -> torch.Tensor:
+            nonlocal state
+            pop = etf.pgpe_ask(state, popsize=npop)
+            state = etf.pgpe_tell(state, pop, evaluate(pop))
+            return state.optimizer_state.center
+
+    elif strategy == "cem":
+        state = etf.cem(
+            center_init=x, parenthood_ratio=opts.elite_fraction, objective_sense="min",
+            stdev_init=sigma, stdev_min=opts.min_std,
+        )  # fmt: skip
+
+        def step() -> torch.Tensor:
+            nonlocal state
+            pop = etf.cem_ask(state, popsize=npop)
+            state = etf.cem_tell(state, pop, evaluate(pop))
+            return state.center
+
+    elif strategy == "snes":
+        # EvoTorch has no functional SNES: this is the distribution update its SNES class runs
+        # each generation (no stdev bounds by default).
+        rates = {
+            "mu": config.lr,
+            "sigma": opts.sigma_learning_rate or (3 + math.log(d)) / (5 * math.sqrt(d)),
+        }
+        dist = ExpSeparableGaussian({"mu": x, "sigma": torch.full((d,), sigma)})
+
+        def step() -> torch.Tensor:
+            nonlocal dist
+            pop = dist.sample(npop)
+            grads = dist.compute_gradients(
+                pop, evaluate(pop), objective_sense="min", ranking_method="nes"
+            )
+            dist = dist.update_parameters(grads, learning_rates=rates)
+            return dist.mu
+
+    else:
+        return None
+    return step
+
+
+def reference_evals_to_target(
+    strategy: str, fn: str, d: int, budget: int, seed: int
+) -> tuple[float, float] | None:
+    """The reference library's run of ``strategy`` (see REFERENCE_LIBRARY), or None."""
+    library = REFERENCE_LIBRARY.get(strategy)
+    if library == "pycma":
+        step = pycma_step(fn, d, seed)
+    elif library == "evotorch":
+        step = evotorch_step(strategy, fn, d, seed)
+    else:
+        step = None
+    return None if step is None else run_reference(step, fn, d, budget)
+
+
+def median_result(results: list[tuple[float, float]]) -> tuple[float, float]:
+    """(median evaluations to target, median best f/d) over seeds (``inf`` sorts last)."""
+    return (
+        statistics.median(r[0] for r in results),
+        statistics.median(r[1] for r in results),
+    )
+
+
+def print_references(strategies: list[str]) -> None:
+    """One ``# reference`` line per strategy with a reference: library, version, differences."""
+    for name in strategies:
+        if name not in REFERENCE_LIBRARY:
+            continue
+        library = REFERENCE_LIBRARY[name]
+        try:
+            version = importlib.metadata.version(LIBRARY_PACKAGE[library])
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"# reference {name}: {library} {version}: {REFERENCE_DIFFERENCES[name]}")
+
+
+def search(
+    dims: list[int], fns: list[str], budget_per_dim: int, strategies: list[str], seeds: int = 1
+) -> None:
+    print_references(strategies)
     for d in dims:
         budget = max(budget_per_dim * d, 20_000) if d <= 1000 else budget_per_dim * 10 * 1000
         for fn in fns:
-            ref = pycma_evals_to_target(fn, d, budget)
-            # sep_cma also without mirrored sampling: pycma samples independently.
-            variants = [(n, True) for n in strategies]
-            if "sep_cma" in strategies:
-                variants.insert(strategies.index("sep_cma") + 1, ("sep_cma", False))
-            for strategy, antithetic in variants:
+            # Our default row, then (where the reference cannot express our defaults) the row
+            # of ours with the reference's settings: same reference run for both.
+            variants: list[tuple[str, bool, dict[str, float]]] = []
+            for name in strategies:
+                variants.append((name, True, {}))
+                if name in SAME_AS_REFERENCE:
+                    variants.append((name, *SAME_AS_REFERENCE[name]))
+            refs: dict[str, tuple[float, float] | None] = {}
+            for strategy, antithetic, options in variants:
                 t0 = time.perf_counter()
-                evals, best = evals_to_target(fn, d, strategy, budget, antithetic=antithetic)
-                label = strategy if antithetic else f"{strategy}(antithetic=False)"
-                ref_evals, ref_best = (
-                    ref if ref is not None and strategy == "sep_cma" else (None, None)
+                evals, best = median_result(
+                    [
+                        evals_to_target(fn, d, strategy, budget, seed, antithetic, options)
+                        for seed in range(1, seeds + 1)
+                    ]
                 )
-                ref_best_s = "n/a" if ref_best is None else f"{ref_best:.3g}"
-                if ref_evals is None:
-                    ref_s, ratio = "n/a", "n/a"
-                else:
-                    ref_s = f"{ref_evals:.0f}"
-                    ratio = f"{evals / ref_evals:.2f}" if math.isfinite(ref_evals) else "n/a"
+                if strategy not in refs:
+                    runs = [
+                        reference_evals_to_target(strategy, fn, d, budget, seed)
+                        for seed in range(1, seeds + 1)
+                    ]
+                    refs[strategy] = None if None in runs else median_result(runs)
+                ref = refs[strategy]
+                changed = ([] if antithetic else ["antithetic=False"]) + [
+                    f"{k}={v}" for k, v in options.items()
+                ]
+                label = f"{strategy}({','.join(changed)})" if changed else strategy
+                ref_s, ratio, ref_best_s = "n/a", "n/a", "n/a"
+                if ref is not None:
+                    ref_s, ref_best_s = f"{ref[0]:.0f}", f"{ref[1]:.3g}"
+                    if math.isfinite(ref[0]):
+                        ratio = f"{evals / ref[0]:.2f}"  # inf: we miss a target it reaches
                 print(
                     f"strategies fn={fn} d={d} strategy={label} evals_to_target={evals:.0f} "
                     f"ref_evals_to_target={ref_s} ratio={ratio} budget={budget} "
                     f"npop={population_size(d)} best_f_per_dim={best:.3g} "
-                    f"ref_best_f_per_dim={ref_best_s} "
+                    f"ref_best_f_per_dim={ref_best_s} seeds={seeds} "
                     f"({time.perf_counter() - t0:.1f}s)",
                     flush=True,
                 )
@@ -192,6 +363,9 @@ def main() -> None:
         help="evaluation budget per dimension at d <= 1000 (at least 20,000); larger d get "
         "10x this per 1000 dimensions. Default 300 (30,000 evals at d=100, 3,000,000 at 10,000)",
     )
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="seeds per run; the lines show medians (default 1)"
+    )
     parser.add_argument("--update-params", type=int, default=1_000_000)
     parser.add_argument("--update-npop", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
@@ -204,7 +378,7 @@ def main() -> None:
         update_cost(args.update_params, args.update_npop, args.repeats, names)
     if not args.skip_search:
         dims = [int(d) for d in args.dims.split(",")]
-        search(dims, args.fns.split(","), args.budget_per_dim, strategies)
+        search(dims, args.fns.split(","), args.budget_per_dim, strategies, args.seeds)
 
 
 if __name__ == "__main__":

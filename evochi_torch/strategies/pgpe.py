@@ -1,10 +1,10 @@
 """PGPE (Sehnke et al. 2010) with symmetric sampling and ClipUp, as in pgpelib/EvoTorch.
 
 Member pairs ``(2k, 2k+1)`` are ``center +/- sigma * eps_k`` with a per-parameter ``sigma``.
-With shaped fitness ``w`` (centered ranks by default), ``n`` pairs and ``N = 2n`` members::
+With shaped fitness ``w`` (centered ranks by default) and ``n`` pairs::
 
     grad_mu    = sum_k (w_2k - w_2k+1) / 2 * sigma * eps_k / n
-    grad_sigma = sum_k (w_2k + w_2k+1) / 2 * (sigma**2 * eps_k**2 - sigma**2) / sigma / N
+    grad_sigma = sum_k (w_2k + w_2k+1) / 2 * (sigma**2 * eps_k**2 - sigma**2) / sigma / n
     center    <- optimizer(center, grad_mu)                  (ClipUp by default)
     sigma     <- clip(sigma + stdev_learning_rate * grad_sigma,
                       sigma * (1 - stdev_max_change), sigma * (1 + stdev_max_change))
@@ -70,9 +70,11 @@ class PGPE(Strategy):
         grad_mu = s_lin.mul_(sigma)
         opt_state = {k: v for k, v in state.items() if k != "sigma"}
         new_params, new_state = self.make_optimizer(config).step(params, grad_mu, opt_state)
-        # sigma + lr * sigma * (s_sq - sum w) / (2N), kept within sigma * (1 -/+ max change)
+        # sigma + lr * sigma * (s_sq - sum w) / N, kept within sigma * (1 -/+ max change):
+        # s_sq counts each pair's eps_k**2 twice, so / N = 2n is the per-direction average
+        # (grad_sigma / n) of pgpelib's compute_reinforce_update and EvoTorch.
         step = s_sq.sub_(_f32(math.fsum(w.tolist()))).mul_(sigma)
-        new_sigma = step.mul_(_f32(opts.stdev_learning_rate / (2.0 * npop))).add_(sigma)
+        new_sigma = step.mul_(_f32(opts.stdev_learning_rate / npop)).add_(sigma)
         low = torch.mul(sigma, _f32(1.0 - opts.stdev_max_change))
         high = torch.mul(sigma, _f32(1.0 + opts.stdev_max_change))
         new_state["sigma"] = torch.minimum(torch.maximum(new_sigma, low), high)

@@ -77,7 +77,8 @@ def test_pgpe_matches_reference():
     fplus, fminus = w[0::2], w[1::2]
     n = NPOP // 2
     grad_mu = ((fplus - fminus) / 2) @ (sigma * eps) / n
-    grad_sigma = ((fplus + fminus) / 2) @ (((sigma * eps) ** 2 - sigma**2) / sigma) / NPOP
+    # Averaged over the n directions, like grad_mu (pgpelib's compute_reinforce_update).
+    grad_sigma = ((fplus + fminus) / 2) @ (((sigma * eps) ** 2 - sigma**2) / sigma) / n
     # ClipUp (Toklu et al. 2020)
     lr, max_speed, mom = 0.05, 0.1, 0.9
     vel = state["velocity"].double().numpy()
