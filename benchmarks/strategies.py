@@ -107,7 +107,8 @@ LIBRARY_PACKAGE = {"pycma": "cma", "evotorch": "evotorch"}
 #: What the reference cannot express of our defaults: printed before the results, so that a
 #: ratio is never read as "same settings" when it is not.
 REFERENCE_DIFFERENCES = {
-    "sep_cma": "pycma CMA_diagonal; samples independently (no mirrored pairs)",
+    "sep_cma": "pycma CMA_diagonal with CSA step sizes (its default at large d is TPA); "
+    "samples independently (no mirrored pairs)",
     "pgpe": "EvoTorch functional pgpe (symmetric, centered ranks, ClipUp with our lr, "
     "max_speed and momentum, our stdev lr and max change): the same settings",
     "snes": "EvoTorch's SNES distribution (ExpSeparableGaussian, nes ranking, the same lr and "
@@ -157,8 +158,11 @@ def pycma_step(fn: str, d: int, seed: int) -> Step | None:
     es = cma.CMAEvolutionStrategy(
         [x0] * d,
         sigma,
+        # CSA, sep-CMA-ES's step-size rule: pycma's default switches to its two-point rule
+        # (TPA) from d = cma.evolution_strategy.TPA_dimension on, another algorithm.
         {"CMA_diagonal": True, "popsize": population_size(d), "seed": seed, "verbose": -9,
-         "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9},
+         "tolfun": 0, "tolx": 0, "tolflatfitness": 10**9,
+         "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA},
     )  # fmt: skip
 
     def step() -> torch.Tensor:
