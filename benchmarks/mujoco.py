@@ -50,10 +50,12 @@ def summarize(runs_dir: Path, out: Path) -> None:
     from examples.mujoco.mujoco import MuJoCoES
 
     runs: dict[str, list[tuple[int, Path]]] = {}
+    strategies: dict[str, set[str]] = {}
     for config in sorted(runs_dir.glob("*/config.json")):
         record = json.loads(config.read_text())
         env = record["worker_kwargs"]["settings"]["env_id"]
         runs.setdefault(env, []).append((record["es"]["seed"], config.parent))
+        strategies.setdefault(env, set()).add(record["es"].get("strategy", "openai_es"))
     out.mkdir(parents=True, exist_ok=True)
     print("| env | seeds | env steps | wall time (s) | center return per seed | mean | median |")
     print("|---|---|---|---|---|---|---|")
@@ -72,7 +74,8 @@ def summarize(runs_dir: Path, out: Path) -> None:
             )
             steps.append(x[-1])
             seconds.append(float(rows[-1]["seconds"]))
-        ax.set(xlabel="env steps", ylabel="center-policy return", title=f"{env} (ES)")
+        title = f"{env} ({', '.join(sorted(strategies[env]))})"
+        ax.set(xlabel="env steps", ylabel="center-policy return", title=title)
         ax.legend(loc="lower right")
         fig.tight_layout()
         fig.savefig(out / f"{env}.png", dpi=100)
