@@ -18,7 +18,8 @@ and `result.json` with the same numbers goes into the run directory. `--table` r
 (strategy, env) pair of `--strategies` x `--envs` in turn, skipping pairs whose run directory
 already holds a `result.json` (so an interrupted table continues where it stopped), then prints
 the table; `--table --summarize` only prints it (markdown, one row per strategy) and plots one
-curve per strategy into `<out>/strategies-<env>.png` with `--out`.
+curve per strategy into `<out>/strategies-<env>.png` with `--out` (beside each run's
+metrics.csv and result.json).
 
 `python -m benchmarks.mujoco --summarize runs/benchmarks --out examples/mujoco/results` plots
 every env's seeds into `<out>/<env>.png`, copies their metrics.csv and prints a markdown table.
@@ -148,6 +149,7 @@ def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
             x = [int(r["env_steps"]) for r in rows]
             ax.plot(x, [float(r["center_score"]) for r in rows], label=s, lw=1)
             shutil.copy(run_dir / "metrics.csv", out / f"{run_dir.name}.csv")
+            shutil.copy(run_dir / "result.json", out / f"{run_dir.name}.json")
         ax.set(xlabel="env steps", ylabel="center-policy return", title=f"{env}, seed {seed}")
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
