@@ -139,6 +139,8 @@ def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
 
     out.mkdir(parents=True, exist_ok=True)
     for env in envs:
+        if not any((s, env) in results for s in strategies):
+            continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for s in strategies:
             if (s, env) not in results:
