@@ -37,7 +37,7 @@ from pathlib import Path
 
 import tyro
 
-from examples.mujoco.mujoco import PRESETS, SETTINGS, STRATEGIES, run
+from examples.mujoco.mujoco import PRESETS, SETTINGS, STRATEGIES, run, run_name
 
 
 def summarize(runs_dir: Path, out: Path) -> None:
@@ -87,10 +87,6 @@ def summarize(runs_dir: Path, out: Path) -> None:
             f"{statistics.median(seconds):.0f} | {per_seed} | {statistics.mean(finals):.0f} | "
             f"{statistics.median(finals):.0f} |"
         )
-
-
-def run_name(env: str, strategy: str, seed: int) -> str:
-    return f"{env}{'' if strategy == 'openai_es' else '-' + strategy}-s{seed}"
 
 
 def bench(env: str, strategy: str, seed: int, env_steps: int, workers: int, runs_dir: Path,

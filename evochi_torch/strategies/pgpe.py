@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..optim import _f32
 from .base import Strategy, f32, noise_sums, require
 
 
@@ -79,8 +80,3 @@ class PGPE(Strategy):
         high = torch.mul(sigma, _f32(1.0 + opts.stdev_max_change))
         new_state["sigma"] = torch.minimum(torch.maximum(new_sigma, low), high)
         return new_params, new_state
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 once, so torch's float32 ops see exactly that value."""
-    return float(np.float32(x))

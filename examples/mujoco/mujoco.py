@@ -173,11 +173,15 @@ PRESETS = {env: (f"{env}, OpenAI-ES with Adam", preset(env)) for env in SETTINGS
 }
 
 
+def run_name(env: str, strategy: str, seed: int) -> str:
+    """The run directory's default name: `Walker2d-v5-s0`, `Walker2d-v5-ars-s0`."""
+    return f"{env}{'' if strategy == 'openai_es' else '-' + strategy}-s{seed}"
+
+
 def run(args: Args) -> tuple[RunResult, float]:
     """Trains; returns the run and the final center return. Used by main(), tests, benchmarks."""
     worker = WORKERS.get(args.env.env_id, MuJoCoES)
-    strategy = "" if args.es.strategy == "openai_es" else f"-{args.es.strategy}"
-    name = args.run.name or f"{args.env.env_id}{strategy}-s{args.es.seed}"
+    name = args.run.name or run_name(args.env.env_id, args.es.strategy, args.es.seed)
     run_config = dataclasses.replace(args.run, name=name)
     result = Trainer(worker, args.es, run_config, {"settings": args.env}).fit()
     evaluator = offline_worker(worker, result.state)
