@@ -1,6 +1,8 @@
+import random
+
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evochi_torch import centered_rank, check_rewards, raw, shape_fitness, zscore
@@ -30,6 +32,8 @@ def test_degenerate_sizes():
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(finite, min_size=2, max_size=40), st.randoms(use_true_random=False))
+@example([1e6, 999999.9999999999], random.Random(0))  # found by CI: arctan merges them
+@example([0.0, 5e-324], random.Random(0))
 def test_centered_rank_properties(values, rnd):
     r = np.array(values)
     out = centered_rank(r)
@@ -47,7 +51,12 @@ def test_centered_rank_properties(values, rnd):
     perm = list(range(len(r)))
     rnd.shuffle(perm)
     np.testing.assert_array_equal(centered_rank(r[perm]), out[perm])
-    np.testing.assert_array_equal(centered_rank(np.arctan(r / 1e3)), centered_rank(r / 1e3))
+    # Strictly increasing on the reals is not strictly increasing in float64: arctan is flat
+    # far from 0 (1e6 and its neighbour meet), rounding merges 0 and 5e-324. Only transforms
+    # that keep distinct rewards distinct count.
+    for transformed in (np.arctan(r / 1e3), r * 0.5 - 7.0):
+        if np.unique(transformed).size == np.unique(r).size:
+            np.testing.assert_array_equal(centered_rank(transformed), out)
 
 
 def test_zscore_standardises():
