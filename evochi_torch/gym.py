@@ -13,8 +13,8 @@ start from the same state), an episode length, a center evaluation on fixed star
 (`evaluate_center`, used by the trainer) and `play` (returns, GIF, video) of a saved policy.
 
 Subclasses override what they need: `make_policy` (default: a tanh MLP of
-`settings.hidden`), `make_env` (default: `gym.make(settings.env_id)` unwrapped),
-`shape_rewards`, `score`.
+`settings.hidden`), `make_env` (default: `gym.make(settings.env_id, **settings.env_kwargs)`
+unwrapped), `shape_rewards`, `score`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class GymSettings:
 
     env_id: str
     """the gymnasium id (also the default `make_env`'s argument)"""
+    env_kwargs: dict[str, bool | int | float | str] = field(default_factory=dict)
+    """keyword arguments of `gym.make` / `gym.make_vec` (the default `make_env` and
+    `make_vector_env`), e.g. Ant-v5's include_cfrc_ext_in_observation=False"""
     hidden: tuple[int, ...] = (64, 64)
     """hidden layer sizes of the default tanh MLP; () is a linear policy"""
     episode_steps: int | None = None
@@ -242,8 +245,9 @@ class GymWorker(TorchESWorker):
     def make_env(self, render_mode: str | None = None) -> gym.Env:
         """One environment. The default is the registered env without its wrappers: the
         time limit is `episode_steps`, and the checker/order wrappers cost step time."""
+        s = self.env_settings
         return gym.make(
-            self.env_settings.env_id, render_mode=render_mode, disable_env_checker=True
+            s.env_id, render_mode=render_mode, disable_env_checker=True, **s.env_kwargs
         ).unwrapped
 
     def make_policy(self) -> nn.Module:
@@ -372,7 +376,8 @@ class GymWorker(TorchESWorker):
         """`n` copies of the env as one vector env (`vectorized=True`). The default steps
         them one by one ("sync"); an env's own vector implementation ("vector_entry_point")
         is faster, and then needs a `reset_vector` that pins each episode's start."""
-        return gym.make_vec(self.env_settings.env_id, num_envs=n, vectorization_mode="sync")
+        s = self.env_settings
+        return gym.make_vec(s.env_id, num_envs=n, vectorization_mode="sync", **s.env_kwargs)
 
     def reset_vector(self, envs: gym.vector.VectorEnv, seeds: np.ndarray) -> np.ndarray:
         """Starts episode b from `seeds[b]`; returns the observations."""

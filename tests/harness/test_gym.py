@@ -67,3 +67,26 @@ def test_cartpole_example_native_vector_env_pins_the_same_starts() -> None:
     one_by_one = worker.rollout(worker.envs(10), module_actor(policy), seeds, None)
     assert native.returns.tolist() == one_by_one.returns.tolist()
     assert len(set(native.returns.tolist())) > 3  # episodes of different lengths
+
+
+def test_env_kwargs_reach_both_env_kinds_and_travel_in_the_state() -> None:
+    config = SmallCartPole.default_config
+    settings = Pendulum.settings.replace(env_kwargs={"g": 3.5})
+    starter = offline_worker(Pendulum, config=config, settings=settings)
+    assert starter.make_env().g == 3.5
+    vector = starter.make_vector_env(2)
+    assert [env.unwrapped.g for env in vector.envs] == [3.5, 3.5]
+    vector.close()
+    # A worker started with the class defaults adopts the kwargs from the state, and the
+    # gravity shows in the rollouts: the same policy and starts score differently.
+    state = starter.initialize()
+    joiner = offline_worker(Pendulum, config=config)
+    attach_state(joiner, state)
+    assert joiner.env_settings.env_kwargs == {"g": 3.5} and joiner.make_env().g == 3.5
+    attach_state(starter, state)
+    policy = starter.center_policy()
+    light = starter.evaluate_episodes(policy, 2).returns
+    default = offline_worker(Pendulum, config=config)
+    attach_state(default, default.initialize())
+    assert default.make_env().g == 10.0
+    assert light.tolist() != default.evaluate_episodes(policy, 2).returns.tolist()
