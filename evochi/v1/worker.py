@@ -7,7 +7,8 @@ The API is the published evochi client's (`initialize`, `evaluate`, `optimize`,
   flowing while an evaluation takes minutes;
 * `start()` returns when the server sends stop or ends the stream, and raises a clear
   `EvochiError` when the server is unreachable, refuses the worker or the stream breaks;
-  with `reconnect=` it rejoins (as a new worker that receives the state in hello);
+  with `reconnect=` it rejoins (as a new worker that receives the state in hello), once the
+  hook thread of the dropped session has returned: hooks never run beside each other;
 * results are checked before they are sent, so a wrong slice or a NaN reward is reported
   where it was produced instead of as a remote INVALID_ARGUMENT;
 * states received from the network are decoded with an allow-list (see `codec`).
@@ -22,6 +23,7 @@ import inspect
 import logging
 import math
 import random
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -210,6 +212,8 @@ class Worker(abc.ABC, Generic[S]):
         # under load) milliseconds on the epoch's critical path: encode on the event loop
         # while the last encoding was this quick.
         self._encode_inline = False
+        # Held by the thread of a plain hook while it runs; see _call_hook.
+        self._hook_lock = threading.Lock()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -301,6 +305,7 @@ class Worker(abc.ABC, Generic[S]):
         attempt = 0
         while True:
             try:
+                await self._wait_for_idle_hooks()
                 await self._wait_for_server()
                 self._session = asyncio.ensure_future(self._run_session())
                 await self._session
@@ -350,6 +355,19 @@ class Worker(abc.ABC, Generic[S]):
 
     def _forget_session(self) -> None:
         self._id = self._token = self._auth = None
+
+    async def _wait_for_idle_hooks(self) -> None:
+        """Rejoins only once the hook thread of the dropped session returned: the server would
+        hand the new session tasks whose deadlines pass while that thread still runs."""
+        if not self._hook_lock.locked():
+            return
+        log.warning("waiting for the dropped session's hook to return before rejoining")
+
+        def wait() -> None:
+            with self._hook_lock:
+                pass
+
+        await asyncio.to_thread(wait)
 
     async def _wait_for_server(self) -> None:
         try:
@@ -412,7 +430,7 @@ class Worker(abc.ABC, Generic[S]):
             ev = event.evaluate
             self._epoch = ev.epoch
             slices = [slice(s.start, s.end) for s in ev.slices]
-            evals = await _call_hook(self.evaluate, ev.epoch, slices)
+            evals = await self._call_hook(self.evaluate, ev.epoch, slices)
             request = pb.FinishEvaluationRequest(
                 task_id=ev.task_id, evaluations=_to_evaluations(slices, evals)
             )
@@ -422,7 +440,7 @@ class Worker(abc.ABC, Generic[S]):
             self._epoch = ev.epoch
             # numpy turns the repeated field into floats faster than list() (same values).
             rewards = np.asarray(ev.rewards).tolist()
-            state = await _call_hook(self.optimize, ev.epoch, rewards)
+            state = await self._call_hook(self.optimize, ev.epoch, rewards)
             await self._set_state(state)
             await self._finish(
                 self._rpc.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
@@ -434,7 +452,7 @@ class Worker(abc.ABC, Generic[S]):
                 pb.FinishShareStateRequest(task_id=event.share_state.task_id, state=blob),
             )
         elif kind == pb.EVENT_TYPE_INITIALIZE:
-            state = await _call_hook(self.initialize)
+            state = await self._call_hook(self.initialize)
             await self._set_state(state)
             blob = await self._encode(state)
             await self._finish(
@@ -443,7 +461,7 @@ class Worker(abc.ABC, Generic[S]):
             )
         elif kind == pb.EVENT_TYPE_STOP:
             log.info("the server stopped the training")
-            await _call_hook(self.on_stop, call.cancel)
+            await self._call_hook(self.on_stop, call.cancel)
             return True
         else:
             # Newer servers may add events; ignoring unknown ones keeps old workers useful.
@@ -464,7 +482,7 @@ class Worker(abc.ABC, Generic[S]):
             hello.heartbeat_interval,
         )
         if type(self).on_hello is not Worker.on_hello:
-            await _call_hook(self.on_hello)
+            await self._call_hook(self.on_hello)
         if hello.HasField("state"):
             state = await asyncio.to_thread(self._codec.decode, hello.state)
             await self._set_state(state)
@@ -472,7 +490,7 @@ class Worker(abc.ABC, Generic[S]):
     async def _set_state(self, state: S) -> None:
         self._state = state
         if type(self).on_state_change is not Worker.on_state_change:
-            await _call_hook(self.on_state_change, state)
+            await self._call_hook(self.on_state_change, state)
 
     def _metadata(self) -> grpc.aio.Metadata:
         if self._auth is None:
@@ -503,6 +521,24 @@ class Worker(abc.ABC, Generic[S]):
                 f"{type(request).__name__} failed: {code.name}: {exc.details()}", code
             ) from exc
 
+    async def _call_hook(self, hook: Callable[..., Any], *args: Any) -> Any:
+        """Awaits coroutine hooks; runs plain ones in a thread so the event loop (and with it
+        the heartbeats) keeps running. One plain hook at a time: a session that ends (the
+        server dropped this worker for a missed deadline) cannot stop its hook's thread, so
+        the rejoined session's hooks wait for it instead of running beside it on the same
+        objects (environments, the state; MuJoCo crashed on that)."""
+        if inspect.iscoroutinefunction(hook):
+            return await hook(*args)
+
+        def locked() -> Any:
+            with self._hook_lock:
+                return hook(*args)
+
+        result = await asyncio.to_thread(locked)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
     async def _heartbeat_loop(self) -> None:
         interval = max(1, self._heartbeat_interval)
         seq_id = 0
@@ -529,17 +565,6 @@ def _consume_outcome(task: asyncio.Task[Any]) -> None:
     """Marks a cancelled session task's outcome as seen (the session already reported)."""
     if not task.cancelled():
         task.exception()
-
-
-async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
-    """Awaits coroutine hooks; runs plain ones in a thread so the event loop (and with it
-    the heartbeats) keeps running."""
-    if inspect.iscoroutinefunction(hook):
-        return await hook(*args)
-    result = await asyncio.to_thread(hook, *args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
 
 
 def _to_evaluations(slices: list[slice], evals: Sequence[Eval]) -> list[pb.Evaluation]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -188,6 +190,67 @@ def test_reconnect_rejoins_as_a_new_worker() -> None:
         assert worker.id != first_id
         await worker.close()
         await second.stop()
+
+    run(main(), timeout=60)
+
+
+class SlowFirstEvaluation(ReadmeWorker):
+    """Its first evaluation outlasts the server's task deadline; it counts overlapping hooks."""
+
+    def __init__(self, channel, cores: int, **kwargs) -> None:
+        super().__init__(channel, cores, **kwargs)
+        self.lock = threading.Lock()
+        self.running = self.most_at_once = 0
+        self.hooks: list[str] = []
+        self.ids: set[str] = set()
+
+    def _enter(self, name: str) -> None:
+        self.ids.add(self.id)
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.hooks.append(name)
+
+    def _leave(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def evaluate(self, epoch, slices):
+        self._enter("evaluate")
+        try:
+            if self.hooks.count("evaluate") == 1:
+                time.sleep(6.0)  # blocks its thread: the server drops the worker meanwhile
+            return super().evaluate(epoch, slices)
+        finally:
+            self._leave()
+
+    def on_state_change(self, state) -> None:
+        self._enter("on_state_change")
+        self._leave()
+
+
+def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_hooks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server drops the worker when its first evaluation misses the deadline (2 s); the
+    # worker notices and rejoins while that evaluation's thread still runs. No hook may run
+    # beside that thread (on the same environments it crashed MuJoCo), and the new session
+    # waits for it before it joins, or the tasks it gets meanwhile miss their deadlines.
+    async def main() -> None:
+        config = ServerConfig(population_size=4, max_epochs=3, worker_timeout=2.0)
+        async with EmbeddedServer(config) as server:
+            policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
+            worker = SlowFirstEvaluation(server.address, cores=2, reconnect=policy)
+            with caplog.at_level(logging.INFO, logger="evochi"):
+                await worker.start()
+            left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
+            left = [m for m in left if "training finished" not in m]
+            assert len(left) == 1 and "evaluate task deadline missed" in left[0], left
+            assert len(worker.ids) == 2, worker.ids  # dropped once, rejoined once
+            assert server.epoch == 3 and worker.state.updates == 3
+            assert worker.hooks.count("evaluate") >= 4  # the lost one and one per epoch
+            assert worker.most_at_once == 1, worker.hooks
+            await worker.close()
 
     run(main(), timeout=60)
 
