@@ -439,14 +439,19 @@ class EvochiService:
                     metrics.reassignments.labels("evaluate").inc()
                 if command.reassigned_task:
                     metrics.reassignments.labels(command.reassigned_task).inc()
-                level = (
-                    logging.WARNING
-                    if "deadline" in command.reason or "heartbeat" in command.reason
-                    else logging.INFO
+                timed_out = "deadline" in command.reason or "heartbeat" in command.reason
+                # A deadline shorter than one evaluation drops every worker in a loop without
+                # an error anywhere, so the warning names the setting that ends the loop.
+                hint = (
+                    f"; a task outlasted worker_timeout={self.config.worker_timeout:g}s,"
+                    " raise it if this repeats"
+                    if "deadline" in command.reason
+                    else ""
                 )
-                log.log(level, "worker left id=%s reason=%r workers=%d returned_members=%d",
+                log.log(logging.WARNING if timed_out else logging.INFO,
+                        "worker left id=%s reason=%r workers=%d returned_members=%d%s",
                         command.worker_id, command.reason, command.workers,
-                        command.returned_members)  # fmt: skip
+                        command.returned_members, hint)  # fmt: skip
             elif kind is core.Reissued:
                 metrics.reissued_members.inc(command.members)
                 log.info("re-issued %d members of a straggling evaluate task", command.members)

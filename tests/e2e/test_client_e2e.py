@@ -246,6 +246,7 @@ def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_h
             left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
             left = [m for m in left if "training finished" not in m]
             assert len(left) == 1 and "evaluate task deadline missed" in left[0], left
+            assert "outlasted worker_timeout=2s, raise it" in left[0], left
             assert len(worker.ids) == 2, worker.ids  # dropped once, rejoined once
             assert server.epoch == 3 and worker.state.updates == 3
             assert worker.hooks.count("evaluate") >= 4  # the lost one and one per epoch
