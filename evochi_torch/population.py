@@ -17,6 +17,7 @@ Two execution paths, same results (up to float rounding):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -61,6 +62,18 @@ _ELEMENTWISE = (
 
 _CONTIGUOUS_COPY_LIMIT = 1 << 24  # elements of the stacked [B, P] parameters
 
+# Batch invariance on CPU. torch's elementwise kernels run a vectorised loop over the body of
+# a tensor and a scalar loop over its last few elements, and for some functions (sigmoid,
+# SiLU, ELU, softplus in torch 2.13 on x86) the two round differently. A member's outputs
+# would then depend on how many rows share its batch: the last member of a task, or of the
+# rows still alive in a rollout, got other bits than in a larger batch, and a training's
+# result depended on how the population was split over workers. So on CPU every activation
+# runs on a buffer padded to a whole number of vector blocks (no scalar tail), in chunks
+# small enough that torch does not split them over threads at thread-count-dependent points
+# (its grain is 32768 elements).
+_PAD = 128  # elements: two vectors of the widest SIMD unit torch targets (ARM SVE 2048-bit)
+_SERIAL_CHUNK = 16384  # a multiple of _PAD below torch's parallel grain
+
 
 def _tanh_via_sigmoid_(h: torch.Tensor) -> torch.Tensor:
     # tanh(x) = 2 * sigmoid(2x) - 1, in place. torch's CPU tanh kernel is ~6x slower than its
@@ -68,6 +81,30 @@ def _tanh_via_sigmoid_(h: torch.Tensor) -> torch.Tensor:
     # MLP forward. Absolute error <= ~2.5e-7 (no relative accuracy near 0), irrelevant for a
     # policy; used on CPU only.
     return h.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+def _padded_buffer(shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat buffer of whole ``_PAD`` blocks and a view of its head shaped ``shape``."""
+    n = math.prod(shape)
+    # Zeros, not empty: the activations run over the padding too, which must stay finite.
+    buffer = torch.zeros(-(-n // _PAD) * _PAD, dtype=like.dtype, device=like.device)
+    return buffer, buffer[:n].view(shape)
+
+
+def _elementwise_in_place(step: _Step, buffer: torch.Tensor) -> None:
+    """``buffer[:] = step(buffer)``, each element through torch's vectorised kernel path."""
+    # One thread runs the whole buffer in one loop; more would split it at points that move
+    # with the row count, so then it goes in serial chunks (activations cost little next to
+    # the matrix products, which keep their threads).
+    n = buffer.numel()
+    size = n if torch.get_num_threads() == 1 else _SERIAL_CHUNK
+    for start in range(0, n, size):
+        chunk = buffer if size >= n else buffer[start : start + size]
+        if step is _tanh_via_sigmoid_:
+            _tanh_via_sigmoid_(chunk)
+        else:
+            assert callable(step)
+            chunk.copy_(step(chunk))
 
 
 _Step = (
@@ -181,6 +218,13 @@ class PopulationPolicy:
     while ``B * P <= 2**24``), so do not modify ``params`` in place afterwards; make a new
     ``PopulationPolicy`` per batch of members instead (cheap). On CPU ``nn.Tanh`` is computed
     as ``2 * sigmoid(2x) - 1`` (absolute error below 2.5e-7, several times faster there).
+
+    Batch invariance: on CPU the fast path gives row ``b`` the same bits whatever other rows
+    share the batch and whatever the thread count, so a member's reward does not depend on
+    how the population is split into tasks or on which members are still alive. The vmap
+    path is as invariant as the module's ops: torch's CPU sigmoid, SiLU, ELU and softplus
+    round a tensor's last elements differently (tanh, ReLU, GELU and the matrix products do
+    not; torch 2.13, x86). On CUDA it rests on cuBLAS's kernel choice and is not tested.
     """
 
     def __init__(
@@ -274,17 +318,23 @@ class PopulationPolicy:
             raise ValueError(f"MLP input must be [B, in] or [B, ..., in], got {tuple(x.shape)}")
         if self._plan is None:
             self._plan = self._build_plan()
+        cpu = self.params.device.type == "cpu"
         middle = x.shape[1:-1]
         h = x.reshape(b, -1, x.shape[-1])
-        fresh = False  # True once h is our own intermediate, safe to modify in place
+        padded: torch.Tensor | None = None  # the padded CPU buffer whose head is h, if any
         for step in self._plan:
             if isinstance(step, tuple):
                 w, bias = step
-                h = torch.bmm(h, w) if bias is None else torch.baddbmm(bias, h, w)
-                fresh = True
-            elif step is _tanh_via_sigmoid_:
-                h = _tanh_via_sigmoid_(h if fresh else h.clone())
-                fresh = True
+                out = None
+                if cpu:
+                    padded, out = _padded_buffer((b, h.shape[1], w.shape[-1]), h)
+                h = torch.bmm(h, w, out=out) if bias is None else torch.baddbmm(bias, h, w, out=out)
+            elif cpu:
+                if padded is None:  # an activation before the first layer: never touch x
+                    padded, head = _padded_buffer(tuple(h.shape), h)
+                    head.copy_(h)
+                _elementwise_in_place(step, padded)
+                h = padded[: h.numel()].view(h.shape)
             else:
                 h = step(h)
         return h.reshape(b, *middle, h.shape[-1])

@@ -90,3 +90,30 @@ def test_env_kwargs_reach_both_env_kinds_and_travel_in_the_state() -> None:
     attach_state(default, default.initialize())
     assert default.make_env().g == 10.0
     assert light.tolist() != default.evaluate_episodes(policy, 2).returns.tolist()
+
+
+class LinearHopper(GymWorker):
+    """ARS's policy shape (linear, tanh on the actions) on an env whose episodes end at
+    different steps, so the rows alive in a rollout shrink to sizes with SIMD tails."""
+
+    settings = GymSettings("Hopper-v5", hidden=(), episode_steps=200, eval_episodes=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_members_reward_does_not_depend_on_how_the_population_is_split(threads) -> None:
+    from evochi_torch import ESConfig
+    from tests.torch.threads import num_threads
+
+    config = ESConfig(strategy="ars", population_size=38, sigma=0.5, seed=3)
+    worker = offline_worker(LinearHopper, config=config)
+    attach_state(worker, worker.initialize())
+
+    def rewards(*slices: slice) -> np.ndarray:
+        with num_threads(threads):
+            evals = [e for s in slices for e in worker.evaluate(0, [s])]
+        return np.concatenate([np.asarray(e.rewards) for e in evals])
+
+    whole = rewards(slice(0, 38))
+    assert len(set(worker.last_lengths.tolist())) > 5  # episodes really end apart
+    for split in [(slice(0, 19), slice(19, 38)), (slice(0, 13), slice(13, 37), slice(37, 38))]:
+        assert rewards(*split).tolist() == whole.tolist(), split

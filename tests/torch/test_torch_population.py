@@ -187,3 +187,58 @@ def test_fast_path_leading_activation_does_not_modify_the_input():
     out = policy(x)
     assert torch.equal(x, before)
     torch.testing.assert_close(out, loop_reference(m, params, x), rtol=0, atol=1e-6)
+
+
+# Transcendental activations are computed by a vectorised kernel in the body of a tensor and
+# by a scalar one in its tail on CPU (sigmoid, SiLU, GELU, ...), so without care a member's
+# output depends on how many rows share its batch: the last member of a task, or of the
+# rows still alive in a rollout, got other bits than the same member in a larger batch.
+BATCH_INVARIANT_ACTS = [nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Softplus, nn.ReLU]
+
+
+def row_subsets(b: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    subsets = [torch.arange(n) for n in range(1, b + 1)]
+    subsets += [torch.arange(start, b) for start in range(1, b)]
+    subsets += [torch.randperm(b, generator=g)[: int(k)].sort().values for k in (2, 5, 11, 23)]
+    return subsets
+
+
+@pytest.mark.parametrize("act", BATCH_INVARIANT_ACTS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_members_output_does_not_depend_on_the_rows_beside_it(act, threads):
+    from threads import num_threads
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(7, 9), act(), nn.Linear(9, 3), act())
+    b = 37
+    params = population(m, b)
+    x = torch.randn(b, 7, generator=torch.Generator().manual_seed(4))
+    with num_threads(threads):
+        full = PopulationPolicy(m, params)(x)
+        for rows in row_subsets(b):
+            part = PopulationPolicy(m, params[rows])(x[rows])
+            assert torch.equal(part, full[rows]), (act.__name__, rows.tolist())
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.SiLU])
+def test_batch_invariance_holds_for_tensors_that_span_several_threads(act):
+    from threads import num_threads
+
+    # 300 members x 8 envs x 64 hidden units: above the size at which torch splits an
+    # elementwise op over threads, so the split points move with the row count.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(11, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 2))
+    b = 300
+    params = population(m, b)
+    x = torch.randn(b, 8, 11, generator=torch.Generator().manual_seed(5))
+    with num_threads(3):
+        full = PopulationPolicy(m, params)(x)
+    for threads, rows in [
+        (1, torch.arange(297)),
+        (2, torch.arange(1, 300)),
+        (3, torch.arange(3, 290)),
+    ]:
+        with num_threads(threads):
+            part = PopulationPolicy(m, params[rows])(x[rows])
+        assert torch.equal(part, full[rows]), (threads, len(rows))
