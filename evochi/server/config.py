@@ -33,8 +33,10 @@ class ServerConfig:
     """Everything that shapes a training and the server around it.
 
     ``worker_timeout`` is in seconds: a worker that misses a heartbeat or does not finish a
-    task within it is removed and its work re-assigned. Heartbeats are requested every
-    ``worker_timeout / 2`` whole seconds (at least 1).
+    task within it is removed and its work re-assigned. After a missed task deadline the next
+    tasks of that kind get twice as long, up to 16x, so that a lone worker slower than the
+    deadline still gets through. Heartbeats are requested every ``worker_timeout / 2`` whole
+    seconds (at least 1).
     """
 
     population_size: int
@@ -272,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_duration_arg,
         metavar="DURATION",
         help=(
-            "a worker missing a heartbeat or a task deadline for this long is removed; "
-            f"heartbeats are due every half of it (default 1m) [{_env('worker_timeout')}]"
+            "a worker missing a heartbeat or a task deadline for this long is removed (after "
+            "a missed deadline, that kind of task gets twice as long, up to 16x); heartbeats "
+            f"are due every half of it (default 1m) [{_env('worker_timeout')}]"
         ),
     )
     add(

@@ -25,6 +25,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -41,6 +42,7 @@ __all__ = [
     "Hello",
     "Initialize",
     "InvalidArgument",
+    "LeaveCause",
     "NotFound",
     "Optimize",
     "Reissued",
@@ -65,6 +67,11 @@ REWARD_HISTORY = 4
 # Tokens of workers that saw the training finish stay valid for their late heartbeats and
 # results (accepted and discarded); beyond this many, the oldest are forgotten.
 RETIRED_LIMIT = 4096
+# A task that misses its deadline makes the next tasks of its kind get twice the time, up to
+# 2**MAX_DEADLINE_STRETCH x worker_timeout: a worker too slow for the deadline rejoins and
+# would otherwise get the same slice with the same deadline and miss it again, forever
+# (one worker, or a population every worker needs longer for).
+MAX_DEADLINE_STRETCH = 4
 
 
 # --------------------------------------------------------------------------- errors
@@ -220,6 +227,9 @@ class WorkerJoined:
     workers: int
 
 
+LeaveCause = Literal["timeout", "left", "training finished", "server stopping", "behind", "other"]
+
+
 @dataclass(slots=True, frozen=True)
 class WorkerLeft:
     worker_id: str
@@ -229,6 +239,11 @@ class WorkerLeft:
     # share-state task has to be re-assigned.
     returned_members: int
     reassigned_task: str | None
+    # The reason's class, for metrics and log levels (the reason carries details).
+    cause: LeaveCause = "other"
+    # A missed task deadline: that task's kind, and the seconds its next tasks get.
+    missed_kind: str | None = None
+    next_deadline_s: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -373,6 +388,8 @@ class Training:
         self.config = config
         self._pop = config.population_size
         self._timeout = float(config.worker_timeout)
+        # Task kind -> n: its tasks get 2**n x worker_timeout (see MAX_DEADLINE_STRETCH).
+        self._stretch: dict[str, int] = {}
         self.heartbeat_interval = max(1, int(self._timeout / 2))
         # Below 2 s the whole-second interval reaches the timeout itself: never drop a
         # worker before it could miss two beats.
@@ -531,7 +548,10 @@ class Training:
         w = self.workers.get(worker_id)
         if w is None:
             return out
-        self._remove(w, now, reason, out, "CANCELLED")
+        cause: LeaveCause = "other"
+        if reason == "left" or reason == "server stopping":
+            cause = reason
+        self._remove(w, now, reason, out, "CANCELLED", cause=cause)
         self._schedule(now, out)
         return out
 
@@ -704,9 +724,12 @@ class Training:
         for w in list(self.workers.values()):
             if w.hello_sent and now > w.heartbeat_deadline:
                 reason = "missed heartbeat" if w.proven else "no heartbeat after hello"
-                self._remove(w, now, reason, out)
+                self._remove(w, now, reason, out, cause="timeout")
             elif w.task is not None and now > w.task.deadline:
-                self._remove(w, now, f"{w.task.kind} task deadline missed", out)
+                kind = w.task.kind
+                self._stretch[kind] = min(self._stretch.get(kind, 0) + 1, MAX_DEADLINE_STRETCH)
+                self._remove(w, now, f"{kind} task deadline missed", out, cause="timeout",
+                             missed_kind=kind)  # fmt: skip
         self._schedule(now, out)
         return out
 
@@ -858,6 +881,10 @@ class Training:
             else:
                 values[s:e][fresh] = arr[fresh]
 
+    def task_timeout(self, kind: str) -> float:
+        """Seconds a new task of ``kind`` gets: worker_timeout, stretched after misses."""
+        return self._timeout * 2 ** self._stretch.get(kind, 0)
+
     def _new_task(self, w: WorkerInfo, kind: str, now: float, epoch: int, **kw: object) -> Task:
         task = Task(
             id=self._ids.next(kind),
@@ -865,7 +892,7 @@ class Training:
             worker_id=w.id,
             epoch=epoch,
             assigned_at=now,
-            deadline=now + self._timeout,
+            deadline=now + self.task_timeout(kind),
             **kw,  # type: ignore[arg-type]
         )
         self._tasks[task.id] = task
@@ -877,7 +904,17 @@ class Training:
         del self._tasks[task.id]
         w.task = None
         self._idle[w.id] = None
-        out.append(TaskFinished(task.kind, now - task.assigned_at))
+        took = now - task.assigned_at
+        # Shrink a stretched deadline back once tasks fit in half of the next smaller one,
+        # so that one slow epoch does not keep dead workers' slices waiting for long.
+        n = self._stretch.get(task.kind, 0)
+        while n and took <= self._timeout * 2 ** (n - 1) / 2:
+            n -= 1
+        if n:
+            self._stretch[task.kind] = n
+        else:
+            self._stretch.pop(task.kind, None)
+        out.append(TaskFinished(task.kind, took))
 
     def _hello_event(self, worker_id: str, token: str) -> Hello:
         return Hello(
@@ -908,6 +945,9 @@ class Training:
         reason: str,
         out: list[Command],
         code: str = "DEADLINE_EXCEEDED",
+        *,
+        cause: LeaveCause = "other",
+        missed_kind: str | None = None,
     ) -> None:
         del self.workers[w.id]
         self._tokens.pop(w.token, None)
@@ -932,7 +972,9 @@ class Training:
                 self._share_task = None
                 reassigned = SHARE_STATE
         out.append(Close(w.id, reason, code))
-        out.append(WorkerLeft(w.id, reason, len(self.workers), returned, reassigned))
+        next_deadline = None if missed_kind is None else self.task_timeout(missed_kind)
+        out.append(WorkerLeft(w.id, reason, len(self.workers), returned, reassigned, cause,
+                              missed_kind, next_deadline))  # fmt: skip
 
     def _return_slices(self, task: Task) -> int:
         """Put back on the stack the members of a lost task nobody else will deliver."""
@@ -1051,7 +1093,8 @@ class Training:
             out.append(Send(w.id, Stop(self._ids.next("stop"))))
             out.append(Close(w.id, "training finished"))
             remaining -= 1
-            out.append(WorkerLeft(w.id, "training finished", remaining, 0, None))
+            out.append(WorkerLeft(w.id, "training finished", remaining, 0, None,
+                                  "training finished"))  # fmt: skip
         for token, worker_id in self._tokens.items():
             self._retire(worker_id, token)
         self.workers.clear()
@@ -1161,7 +1204,8 @@ class Training:
                 # Behind: replay the optimize steps it missed before it may evaluate.
                 rewards = self._history.get(w.state_epoch)
                 if rewards is None:
-                    self._remove(w, now, "too far behind the training", out, "ABORTED")
+                    self._remove(w, now, "too far behind the training", out, "ABORTED",
+                                 cause="behind")  # fmt: skip
                 else:
                     self._assign_optimize(w, w.state_epoch, rewards, False, now, out)
                 continue

@@ -85,11 +85,13 @@ class ServerMetrics:
         # The transport's serving status (evochi.server.health.Health), for /healthz.
         self.health: Any = None
 
-    def leave(self, reason: str) -> None:
-        # Reasons carry details ("evaluate task deadline missed"); keep the label set small.
-        key = "timeout" if ("deadline" in reason or "heartbeat" in reason) else reason
-        if key not in ("timeout", "left", "training finished", "server stopping"):
-            key = "other"
+    def leave(self, cause: str) -> None:
+        # The cause, not the reason (which carries details): a small, fixed label set.
+        key = (
+            cause
+            if cause in ("timeout", "left", "training finished", "server stopping")
+            else "other"
+        )
         self.leaves.labels(key).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

@@ -434,21 +434,22 @@ class EvochiService:
                          command.cores, command.workers)  # fmt: skip
             elif kind is core.WorkerLeft:
                 metrics.workers.set(command.workers)
-                metrics.leave(command.reason)
+                metrics.leave(command.cause)
                 if command.returned_members:
                     metrics.reassignments.labels("evaluate").inc()
                 if command.reassigned_task:
                     metrics.reassignments.labels(command.reassigned_task).inc()
-                timed_out = "deadline" in command.reason or "heartbeat" in command.reason
-                # A deadline shorter than one evaluation drops every worker in a loop without
-                # an error anywhere, so the warning names the setting that ends the loop.
+                # A deadline shorter than one task drops the worker, which rejoins and gets
+                # the same work: the server stretches that kind's deadline (up to 16x), and
+                # the warning names the setting that avoids the loss.
                 hint = (
-                    f"; a task outlasted worker_timeout={self.config.worker_timeout:g}s,"
-                    " raise it if this repeats"
-                    if "deadline" in command.reason
+                    f"; the {command.missed_kind} task outlasted its deadline (worker_timeout="
+                    f"{self.config.worker_timeout:g}s), the next ones get "
+                    f"{command.next_deadline_s:g}s; raise --worker-timeout if this repeats"
+                    if command.missed_kind is not None
                     else ""
                 )
-                log.log(logging.WARNING if timed_out else logging.INFO,
+                log.log(logging.WARNING if command.cause == "timeout" else logging.INFO,
                         "worker left id=%s reason=%r workers=%d returned_members=%d%s",
                         command.worker_id, command.reason, command.workers,
                         command.returned_members, hint)  # fmt: skip

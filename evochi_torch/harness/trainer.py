@@ -96,6 +96,7 @@ class RunConfig:
     host: str = "127.0.0.1"
     port: int = 0
     worker_timeout: float = 60.0
+    """task/heartbeat deadline in seconds; a missed task deadline doubles the next, up to 16x"""
     restart: bool = False
     log_level: str = "WARNING"
     ray: RayPlacement | None = None

@@ -246,7 +246,7 @@ def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_h
             left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
             left = [m for m in left if "training finished" not in m]
             assert len(left) == 1 and "evaluate task deadline missed" in left[0], left
-            assert "outlasted worker_timeout=2s, raise it" in left[0], left
+            assert "outlasted its deadline (worker_timeout=2s), the next ones get 4s" in left[0]
             assert len(worker.ids) == 2, worker.ids  # dropped once, rejoined once
             assert server.epoch == 3 and worker.state.updates == 3
             assert worker.hooks.count("evaluate") >= 4  # the lost one and one per epoch
@@ -254,6 +254,38 @@ def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_h
             await worker.close()
 
     run(main(), timeout=60)
+
+
+class SlowEveryEvaluation(SlowFirstEvaluation):
+    def evaluate(self, epoch, slices):
+        self._enter("evaluate")
+        try:
+            time.sleep(3.0)  # every task outlasts the 2 s worker_timeout
+            return ReadmeWorker.evaluate(self, epoch, slices)
+        finally:
+            self._leave()
+
+
+def test_a_lone_worker_slower_than_the_deadline_still_trains(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Dropped at its first missed deadline, the worker rejoins and gets the same members:
+    # with the same deadline it would miss it again forever. The stretched deadline (4 s)
+    # lets it through, and it keeps it while its tasks stay slow.
+    async def main() -> None:
+        config = ServerConfig(population_size=4, max_epochs=2, worker_timeout=2.0)
+        async with EmbeddedServer(config) as server:
+            policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
+            worker = SlowEveryEvaluation(server.address, cores=4, reconnect=policy)
+            with caplog.at_level(logging.INFO, logger="evochi"):
+                await worker.start()
+            left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
+            left = [m for m in left if "training finished" not in m]
+            assert len(left) == 1 and "the next ones get 4s" in left[0], left
+            assert server.epoch == 2 and worker.state.updates == 2
+            await worker.close()
+
+    run(main(), timeout=90)
 
 
 def test_stop_training_early_sends_stop_and_keeps_the_last_epoch() -> None:

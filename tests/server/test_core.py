@@ -616,3 +616,46 @@ def test_short_timeouts_still_allow_two_heartbeat_intervals() -> None:
     assert b.id not in sim.t.workers
     assert [x.reason for x in sim.left if x.worker_id == b.id] == ["missed heartbeat"]
     del a
+
+
+def test_a_missed_deadline_stretches_the_next_ones_so_a_lone_slow_worker_gets_through() -> None:
+    # One worker whose evaluation takes 3 s against a 2 s worker_timeout: without the stretch
+    # it rejoins, gets the same slice with the same deadline and misses it again, forever.
+    sim = Sim(population_size=4, worker_timeout=2.0, straggler_reissue=False, max_epochs=3)
+    (a,) = started(sim, 2)
+    assert sim.t.task_timeout("evaluate") == 2.0
+    sim.advance(1.5)
+    sim.advance(1.0)  # 2.5 s: the first evaluation missed its deadline
+    assert a.id not in sim.t.workers
+    left = sim.left[-1]
+    assert (left.cause, left.missed_kind, left.next_deadline_s) == ("timeout", "evaluate", 4.0)
+    b = sim.join(2)  # the same process, rejoined
+    sim.step(b)  # hello
+    ev = only(b, core.Evaluate)
+    assert isinstance(ev, core.Evaluate) and ev.epoch == 1 and ev.slices[0][0] == 0
+    sim.advance(1.5)
+    sim.advance(1.5)  # 3 s into its task: inside the stretched deadline of 4 s
+    assert b.id in sim.t.workers
+    sim.step(b)  # the evaluation, 3 s after it was assigned
+    assert sim.t.task_timeout("evaluate") == 4.0  # 3 s does not fit in half of 2 s
+    # A quick task shrinks the stretch back: 0.5 s fits in half of 2 s.
+    sim.advance(0.5)
+    assert isinstance(b.inbox[0], core.Evaluate)
+    sim.step(b)
+    assert sim.t.task_timeout("evaluate") == 2.0
+    sim.run()
+    assert sim.finished and len(sim.epochs) == 3
+    sim.check_vectors()
+
+
+def test_the_deadline_stretch_is_capped() -> None:
+    sim = Sim(population_size=2, worker_timeout=1.0, straggler_reissue=False)
+    (a,) = started(sim, 1)
+    timeouts = []
+    for _ in range(core.MAX_DEADLINE_STRETCH + 2):
+        sim.advance(sim.t.task_timeout("evaluate") + 0.1)  # heartbeats go on; the task never ends
+        assert a.id not in sim.t.workers
+        timeouts.append(sim.left[-1].next_deadline_s)
+        a = sim.join(1)
+        sim.step(a)  # hello, then an evaluate task with the stretched deadline
+    assert timeouts == [2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
