@@ -87,8 +87,9 @@ def _padded_buffer(shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Te
     """A flat buffer of whole ``_PAD`` blocks and a view of its head shaped ``shape``."""
     n = math.prod(shape)
     # Zeros, not empty: the activations run over the padding too, which must stay finite.
-    buffer = torch.zeros(-(-n // _PAD) * _PAD, dtype=like.dtype, device=like.device)
-    return buffer, buffer[:n].view(shape)
+    size = -(-n // _PAD) * _PAD
+    buffer = torch.zeros(size, dtype=like.dtype, device=like.device)
+    return buffer, (buffer if size == n else buffer[:n]).view(shape)
 
 
 def _elementwise_in_place(step: _Step, buffer: torch.Tensor) -> None:
@@ -332,9 +333,8 @@ class PopulationPolicy:
             elif cpu:
                 if padded is None:  # an activation before the first layer: never touch x
                     padded, head = _padded_buffer(tuple(h.shape), h)
-                    head.copy_(h)
-                _elementwise_in_place(step, padded)
-                h = padded[: h.numel()].view(h.shape)
+                    h = head.copy_(h)
+                _elementwise_in_place(step, padded)  # h is a view of padded's head
             else:
                 h = step(h)
         return h.reshape(b, *middle, h.shape[-1])
