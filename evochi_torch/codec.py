@@ -306,7 +306,20 @@ def encode_state(state: TorchESState) -> bytes:
         "evochi.meta": base64.b64encode(meta).decode("ascii"),
     }
     header[_CHECKSUM_KEY] = _checksum(header, tensors)
-    return safetensors.torch.save(tensors, metadata=header)
+    return _canonical(safetensors.torch.save(tensors, metadata=header))
+
+
+def _canonical(blob: bytes) -> bytes:
+    """The blob with its JSON header's keys sorted. safetensors writes the metadata in its
+    hash map's order, which changes from process to process, so the same state got other
+    bytes in another worker or run; now one state has one encoding (byte-identical
+    checkpoints and share-state payloads). The tensor data is not touched: its offsets are
+    relative to the end of the header."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
 
 
 def _read_header(blob: bytes) -> dict[str, Any]:

@@ -234,3 +234,26 @@ def test_noise_mismatch_is_explicit(state, table):
     assert "numpy" in str(info.value)
     with pytest.raises(NoiseMismatchError):
         state.advance(np.zeros(6), other)
+
+
+def test_one_state_has_one_encoding_in_every_process(state, tmp_path) -> None:
+    # safetensors writes its metadata in a hash map's order, seeded per process: without the
+    # canonical header two workers (or two runs) encoded the same state to other bytes.
+    import subprocess
+    import sys
+
+    path = tmp_path / "state.bin"
+    path.write_bytes(encode_state(state))
+    script = (
+        "import sys; from evochi_torch import decode_state, encode_state; "
+        "blob = open(sys.argv[1], 'rb').read(); "
+        "sys.stdout.write(encode_state(decode_state(blob)).hex())"
+    )
+    blobs = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(4)
+    }
+    assert blobs == {path.read_bytes().hex()}
+    assert safetensors.torch.load(path.read_bytes()).keys()  # still a plain safetensors blob
