@@ -153,6 +153,10 @@ ARS_PAPER = {  # env: (N, b, alpha, nu)
     "Walker2d-v5": (40, 30, 0.03, 0.025),
     "Ant-v5": (60, 20, 0.015, 0.025),
 }
+# Where this example departs from the paper's table. Ant-v5 with alpha 0.015 ended at a median
+# of 2866 over 3 seeds at 1e7 steps, with 0.025 at 3148 (examples/mujoco/README.md): every
+# seed first learns to end its episodes at once, and the larger step climbs faster after.
+ARS_STEP = {"Ant-v5": 0.025}
 
 
 def preset(env: str, strategy: str = "openai_es") -> Args:
@@ -162,6 +166,7 @@ def preset(env: str, strategy: str = "openai_es") -> Args:
         return Args(settings)
     if strategy == "ars":
         n, b, alpha, nu = ARS_PAPER[env]
+        alpha = ARS_STEP.get(env, alpha)
         es = ESConfig(population_size=2 * n, strategy="ars", sigma=nu, learning_rate=alpha,
                       strategy_options={"top_directions": b})  # fmt: skip
         return Args(settings.replace(hidden=(), reward_shift=1.0), es)
@@ -172,9 +177,15 @@ def preset(env: str, strategy: str = "openai_es") -> Args:
     return Args(settings, es)
 
 
+def _ars_title(env: str) -> str:
+    if env in ARS_STEP:
+        return f"ARS V2-t as published, but step {ARS_STEP[env]} (paper: {ARS_PAPER[env][2]})"
+    return "ARS V2-t as published"
+
+
 PRESETS = {env: (f"{env}, OpenAI-ES with Adam", preset(env)) for env in SETTINGS} | {
     f"{env}/{s}": (
-        f"{env}, " + ("ARS V2-t as published" if s == "ars" else f"{s}, its defaults"),
+        f"{env}, " + (_ars_title(env) if s == "ars" else f"{s}, its defaults"),
         preset(env, s),
     )
     for env in SETTINGS

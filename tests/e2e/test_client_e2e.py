@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -229,6 +230,21 @@ class SlowFirstEvaluation(ReadmeWorker):
         self._leave()
 
 
+async def train_reconnecting(
+    cls: type, config: ServerConfig, cores: int, caplog: pytest.LogCaptureFixture
+) -> tuple[Any, list[str], int]:
+    """Trains a reconnecting `cls` worker on an embedded server. Returns the closed worker,
+    the server's 'worker left' lines other than the final ones, and the server's epoch."""
+    async with EmbeddedServer(config) as server:
+        policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
+        worker = cls(server.address, cores=cores, reconnect=policy)
+        with caplog.at_level(logging.INFO, logger="evochi"):
+            await worker.start()
+        await worker.close()
+        left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
+        return worker, [m for m in left if "training finished" not in m], server.epoch
+
+
 def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_hooks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -236,24 +252,16 @@ def test_a_dropped_workers_hook_thread_never_runs_beside_the_rejoined_sessions_h
     # worker notices and rejoins while that evaluation's thread still runs. No hook may run
     # beside that thread (on the same environments it crashed MuJoCo), and the new session
     # waits for it before it joins, or the tasks it gets meanwhile miss their deadlines.
-    async def main() -> None:
-        config = ServerConfig(population_size=4, max_epochs=3, worker_timeout=2.0)
-        async with EmbeddedServer(config) as server:
-            policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
-            worker = SlowFirstEvaluation(server.address, cores=2, reconnect=policy)
-            with caplog.at_level(logging.INFO, logger="evochi"):
-                await worker.start()
-            left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
-            left = [m for m in left if "training finished" not in m]
-            assert len(left) == 1 and "evaluate task deadline missed" in left[0], left
-            assert "outlasted its deadline (worker_timeout=2s), the next ones get 4s" in left[0]
-            assert len(worker.ids) == 2, worker.ids  # dropped once, rejoined once
-            assert server.epoch == 3 and worker.state.updates == 3
-            assert worker.hooks.count("evaluate") >= 4  # the lost one and one per epoch
-            assert worker.most_at_once == 1, worker.hooks
-            await worker.close()
-
-    run(main(), timeout=60)
+    config = ServerConfig(population_size=4, max_epochs=3, worker_timeout=2.0)
+    worker, left, epoch = run(
+        train_reconnecting(SlowFirstEvaluation, config, 2, caplog), timeout=60
+    )
+    assert len(left) == 1 and "evaluate task deadline missed" in left[0], left
+    assert "outlasted its deadline (worker_timeout=2s), the next ones get 4s" in left[0]
+    assert len(worker.ids) == 2, worker.ids  # dropped once, rejoined once
+    assert epoch == 3 and worker.state.updates == 3
+    assert worker.hooks.count("evaluate") >= 4  # the lost one and one per epoch
+    assert worker.most_at_once == 1, worker.hooks
 
 
 class SlowEveryEvaluation(SlowFirstEvaluation):
@@ -272,20 +280,12 @@ def test_a_lone_worker_slower_than_the_deadline_still_trains(
     # Dropped at its first missed deadline, the worker rejoins and gets the same members:
     # with the same deadline it would miss it again forever. The stretched deadline (4 s)
     # lets it through, and it keeps it while its tasks stay slow.
-    async def main() -> None:
-        config = ServerConfig(population_size=4, max_epochs=2, worker_timeout=2.0)
-        async with EmbeddedServer(config) as server:
-            policy = evochi.ReconnectPolicy(initial_delay=0.05, max_delay=0.2, max_attempts=50)
-            worker = SlowEveryEvaluation(server.address, cores=4, reconnect=policy)
-            with caplog.at_level(logging.INFO, logger="evochi"):
-                await worker.start()
-            left = [r.getMessage() for r in caplog.records if "worker left" in r.getMessage()]
-            left = [m for m in left if "training finished" not in m]
-            assert len(left) == 1 and "the next ones get 4s" in left[0], left
-            assert server.epoch == 2 and worker.state.updates == 2
-            await worker.close()
-
-    run(main(), timeout=90)
+    config = ServerConfig(population_size=4, max_epochs=2, worker_timeout=2.0)
+    worker, left, epoch = run(
+        train_reconnecting(SlowEveryEvaluation, config, 4, caplog), timeout=90
+    )
+    assert len(left) == 1 and "the next ones get 4s" in left[0], left
+    assert epoch == 2 and worker.state.updates == 2
 
 
 def test_stop_training_early_sends_stop_and_keeps_the_last_epoch() -> None:
