@@ -64,13 +64,14 @@ _CONTIGUOUS_COPY_LIMIT = 1 << 24  # elements of the stacked [B, P] parameters
 
 # Batch invariance on CPU. torch's elementwise kernels run a vectorised loop over the body of
 # a tensor and a scalar loop over its last few elements, and for some functions (sigmoid,
-# SiLU, ELU, softplus in torch 2.13 on x86) the two round differently. A member's outputs
+# SiLU, ELU, CELU, SELU, softplus, Mish in torch 2.13 on x86) the two round differently. A
+# member's outputs
 # would then depend on how many rows share its batch: the last member of a task, or of the
 # rows still alive in a rollout, got other bits than in a larger batch, and a training's
 # result depended on how the population was split over workers. So on CPU every activation
 # runs on a buffer padded to a whole number of vector blocks (no scalar tail), in chunks
-# small enough that torch does not split them over threads at thread-count-dependent points
-# (its grain is 32768 elements).
+# below torch's parallel grain (32768 elements) so that thread-count-dependent split points
+# cannot make tails either (GELU splits below that grain, but its two loops agree).
 _PAD = 128  # elements: two vectors of the widest SIMD unit torch targets (ARM SVE 2048-bit)
 _SERIAL_CHUNK = 16384  # a multiple of _PAD below torch's parallel grain
 
@@ -98,7 +99,7 @@ def _elementwise_in_place(step: _Step, buffer: torch.Tensor) -> None:
     # with the row count, so then it goes in serial chunks (activations cost little next to
     # the matrix products, which keep their threads).
     n = buffer.numel()
-    size = n if torch.get_num_threads() == 1 else _SERIAL_CHUNK
+    size = max(n, 1) if torch.get_num_threads() == 1 else _SERIAL_CHUNK
     for start in range(0, n, size):
         chunk = buffer if size >= n else buffer[start : start + size]
         if step is _tanh_via_sigmoid_:
@@ -223,9 +224,10 @@ class PopulationPolicy:
     Batch invariance: on CPU the fast path gives row ``b`` the same bits whatever other rows
     share the batch and whatever the thread count, so a member's reward does not depend on
     how the population is split into tasks or on which members are still alive. The vmap
-    path is as invariant as the module's ops: torch's CPU sigmoid, SiLU, ELU and softplus
-    round a tensor's last elements differently (tanh, ReLU, GELU and the matrix products do
-    not; torch 2.13, x86). On CUDA it rests on cuBLAS's kernel choice and is not tested.
+    path is as invariant as the module's ops: torch's CPU sigmoid, SiLU, ELU, CELU, SELU,
+    softplus and Mish round a tensor's last elements differently (tanh, ReLU, GELU and the
+    matrix products do not; torch 2.13, x86). On CUDA it rests on cuBLAS's kernel choice and
+    is not tested.
     """
 
     def __init__(
@@ -321,7 +323,7 @@ class PopulationPolicy:
             self._plan = self._build_plan()
         cpu = self.params.device.type == "cpu"
         middle = x.shape[1:-1]
-        h = x.reshape(b, -1, x.shape[-1])
+        h = x_view = x.reshape(b, -1, x.shape[-1])
         padded: torch.Tensor | None = None  # the padded CPU buffer whose head is h, if any
         for step in self._plan:
             if isinstance(step, tuple):
@@ -336,7 +338,9 @@ class PopulationPolicy:
                     h = head.copy_(h)
                 _elementwise_in_place(step, padded)  # h is a view of padded's head
             else:
-                h = step(h)
+                # An in-place activation (ReLU(inplace=True)) before the first layer would
+                # write into the caller's x.
+                h = step(h.clone() if h is x_view else h)
         return h.reshape(b, *middle, h.shape[-1])
 
     def _forward_vmap(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

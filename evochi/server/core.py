@@ -303,6 +303,8 @@ class Task:
     waited: bool = False
     # Evaluate tasks: a copy went to an idle worker (each task is re-issued at most once).
     duplicated: bool = False
+    # The deadline stretch it was given (deadline = assigned_at + 2**stretch x timeout).
+    stretch: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -727,7 +729,10 @@ class Training:
                 self._remove(w, now, reason, out, cause="timeout")
             elif w.task is not None and now > w.task.deadline:
                 kind = w.task.kind
-                self._stretch[kind] = min(self._stretch.get(kind, 0) + 1, MAX_DEADLINE_STRETCH)
+                # One step past the deadline that was missed: tasks that missed the same
+                # deadline together (every worker too slow) count once, not once each.
+                missed = min(w.task.stretch + 1, MAX_DEADLINE_STRETCH)
+                self._stretch[kind] = max(self._stretch.get(kind, 0), missed)
                 self._remove(w, now, f"{kind} task deadline missed", out, cause="timeout",
                              missed_kind=kind)  # fmt: skip
         self._schedule(now, out)
@@ -893,6 +898,7 @@ class Training:
             epoch=epoch,
             assigned_at=now,
             deadline=now + self.task_timeout(kind),
+            stretch=self._stretch.get(kind, 0),
             **kw,  # type: ignore[arg-type]
         )
         self._tasks[task.id] = task
@@ -905,8 +911,8 @@ class Training:
         w.task = None
         self._idle[w.id] = None
         took = now - task.assigned_at
-        # Shrink a stretched deadline back once tasks fit in half of the next smaller one,
-        # so that one slow epoch does not keep dead workers' slices waiting for long.
+        # Shrink a stretched deadline back to the smallest one this task fits in half of, so
+        # that one slow epoch does not keep a hung worker's slices waiting for long.
         n = self._stretch.get(task.kind, 0)
         while n and took <= self._timeout * 2 ** (n - 1) / 2:
             n -= 1
@@ -1081,7 +1087,7 @@ class Training:
                 if rewards is None:
                     break
                 out.append(Send(w.id, Optimize(self._ids.next(OPTIMIZE), epoch, rewards)))
-                self._outstanding[w.id] = now + self._timeout
+                self._outstanding[w.id] = now + self.task_timeout(OPTIMIZE)
 
     def _stop_all(self, out: list[Command]) -> None:
         remaining = len(self.workers)

@@ -659,3 +659,15 @@ def test_the_deadline_stretch_is_capped() -> None:
         a = sim.join(1)
         sim.step(a)  # hello, then an evaluate task with the stretched deadline
     assert timeouts == [2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
+
+
+def test_workers_missing_the_same_deadline_together_stretch_it_once() -> None:
+    # Every worker too slow for the deadline: four misses of the same 1x deadline in one
+    # tick make it 2x, not 16x (a hung worker would otherwise hold its slices for 16x).
+    sim = Sim(population_size=8, worker_timeout=2.0, straggler_reissue=False)
+    workers = started(sim, 1, 1, 1, 1)
+    assert all(isinstance(w.inbox[-1], core.Evaluate) for w in workers)
+    sim.advance(2.5)
+    assert not sim.t.workers
+    assert [c.next_deadline_s for c in sim.left[-4:]] == [4.0] * 4
+    assert sim.t.task_timeout("evaluate") == 4.0

@@ -189,11 +189,15 @@ def test_fast_path_leading_activation_does_not_modify_the_input():
     torch.testing.assert_close(out, loop_reference(m, params, x), rtol=0, atol=1e-6)
 
 
-# Transcendental activations are computed by a vectorised kernel in the body of a tensor and
-# by a scalar one in its tail on CPU (sigmoid, SiLU, GELU, ...), so without care a member's
+# Some activations are computed by a vectorised kernel in the body of a tensor and by a
+# scalar one in its tail on CPU, rounding differently (sigmoid, SiLU, ELU, CELU, SELU,
+# softplus, Mish; tanh, GELU and ReLU are controls), so without care a member's
 # output depends on how many rows share its batch: the last member of a task, or of the
 # rows still alive in a rollout, got other bits than the same member in a larger batch.
-BATCH_INVARIANT_ACTS = [nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.Softplus, nn.ReLU]
+BATCH_INVARIANT_ACTS = [
+    *(nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish),
+    nn.ReLU,
+]
 
 
 def row_subsets(b: int) -> list[torch.Tensor]:
@@ -242,3 +246,20 @@ def test_batch_invariance_holds_for_tensors_that_span_several_threads(act):
         with num_threads(threads):
             part = PopulationPolicy(m, params[rows])(x[rows])
         assert torch.equal(part, full[rows]), (threads, len(rows))
+
+
+def test_an_in_place_activation_before_the_first_layer_leaves_the_input_alone():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(5, 4), nn.ReLU(inplace=True))
+    params = population(m, 3)
+    x = torch.randn(3, 5)
+    before = x.clone()
+    out = PopulationPolicy(m, params)(x)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, loop_reference(m, params, before), rtol=0, atol=1e-6)
+
+
+def test_a_zero_width_layer_gives_an_empty_output():
+    m = nn.Sequential(nn.Linear(5, 0), nn.Tanh())
+    out = PopulationPolicy(m, torch.zeros(3, num_params(m)))(torch.randn(3, 5))
+    assert out.shape == (3, 0)
