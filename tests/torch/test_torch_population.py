@@ -259,6 +259,7 @@ def test_an_in_place_activation_before_the_first_layer_leaves_the_input_alone():
     torch.testing.assert_close(out, loop_reference(m, params, before), rtol=0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
 def test_a_zero_width_layer_gives_an_empty_output():
     m = nn.Sequential(nn.Linear(5, 0), nn.Tanh())
     out = PopulationPolicy(m, torch.zeros(3, num_params(m)))(torch.randn(3, 5))
