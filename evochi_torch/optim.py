@@ -5,10 +5,11 @@ go straight into safetensors. Functions never mutate their inputs; they return n
 
 Bit-identity: every elementwise update is written as separate IEEE float32 operations
 (mul, add, div, sqrt: each correctly rounded), never fused kernels (``addcdiv``, ``lerp``,
-``add(alpha=)``) whose vectorised body may use FMA while the scalar tail does not. Scalars are
-computed in Python float64 with correctly rounded operations only (bias corrections use
-exponentiation by squaring instead of libm's ``pow``). So every worker gets the same bits
-whatever its thread count, CPU or number of peers.
+``add(alpha=)``) whose vectorised body may use FMA while the scalar tail does not; the square
+root is NumPy's (the CPU's IEEE instruction), not torch's (MKL's vector math, chosen per CPU).
+Scalars are computed in Python float64 with correctly rounded operations only (bias
+corrections use exponentiation by squaring instead of libm's ``pow``). So every worker gets
+the same bits whatever its thread count, CPU or number of peers (:mod:`.portable`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from .config import ESConfig
 from .noise import NoiseTable, epoch_offsets, noise_weighted_sum
+from .portable import norm, powi, sqrt32
 from .shaping import shape_fitness
 
 __all__ = [
@@ -78,17 +80,6 @@ def es_gradient(
     return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
 
 
-def _powi(base: float, n: int) -> float:
-    # Exponentiation by squaring: only correctly rounded multiplications, unlike libm pow().
-    result = 1.0
-    while n:
-        if n & 1:
-            result *= base
-        base *= base
-        n >>= 1
-    return result
-
-
 def _f32(x: float) -> float:
     # The exact float32 value torch will use for this Python scalar.
     return float(np.float32(x))
@@ -118,9 +109,9 @@ def adam_step(
     v = _require(state, "exp_avg_sq", params)
     m = torch.mul(m, _f32(b1)).add_(torch.mul(grad, _f32(1.0 - b1)))
     v = torch.mul(v, _f32(b2)).add_(torch.mul(grad, grad).mul_(_f32(1.0 - b2)))
-    bias1 = 1.0 - _powi(b1, step)
-    bias2 = 1.0 - _powi(b2, step)
-    denom = torch.sqrt(v).div_(_f32(math.sqrt(bias2))).add_(_f32(eps))
+    bias1 = 1.0 - powi(b1, step)
+    bias2 = 1.0 - powi(b2, step)
+    denom = sqrt32(v).div_(_f32(math.sqrt(bias2))).add_(_f32(eps))
     update = torch.div(m, denom).mul_(_f32(lr / bias1))
     new_state = {"step": torch.tensor(step, dtype=torch.int64), "exp_avg": m, "exp_avg_sq": v}
     return _decayed(params, update, lr, weight_decay), new_state
@@ -166,7 +157,7 @@ def clipup_step(
         theta = theta * (1 - lr * wd) + v
 
     ``max_speed=None`` uses ``2 * lr`` (the paper's and EvoTorch's rule of thumb). Norms are
-    float64 numpy reductions (the same bits for every thread count). State keys: ``step``,
+    exactly rounded float64 sums (:func:`evochi_torch.portable.norm`). State keys: ``step``,
     ``velocity``.
     """
     params, grad = _check_pair(params, grad)
@@ -185,9 +176,8 @@ def clipup_step(
 
 
 def norm64(x: torch.Tensor) -> float:
-    """Euclidean norm in float64 (numpy pairwise sum: independent of torch's thread count)."""
-    a = x.detach().cpu().numpy().astype(np.float64)
-    return math.sqrt(float(np.sum(a * a)))
+    """Euclidean norm in float64, the same bits on every CPU (:func:`portable.norm`)."""
+    return norm(x)
 
 
 def _check_pair(params: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

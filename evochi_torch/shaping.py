@@ -1,8 +1,9 @@
 """Fitness shaping and reward checks: numpy float64 in, float64 out, deterministic.
 
 Every worker shapes the same reward vector and must get bit-identical weights, so reductions use
-``math.fsum`` (exactly rounded, independent of numpy's SIMD/pairwise summation) and ties get
-their average rank (symmetric, no dependence on sort stability).
+``math.fsum`` (exactly rounded, independent of numpy's SIMD/pairwise summation), logarithms
+come from :mod:`.portable` (NumPy's own dispatch per CPU) and ties get their average rank
+(symmetric, no dependence on sort stability).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
+
+from . import portable
 
 __all__ = [
     "SHAPINGS",
@@ -81,7 +84,8 @@ def nes_utilities(rewards: np.ndarray | Sequence[float]) -> np.ndarray:
     n = r.size
     if n <= 1:
         return np.zeros(n, dtype=np.float64)
-    raw_u = np.maximum(0.0, np.log(n / 2.0 + 1.0) - np.log(np.arange(1, n + 1, dtype=np.float64)))
+    ln = portable.log
+    raw_u = np.maximum(0.0, ln(n / 2.0 + 1.0) - ln(np.arange(1, n + 1, dtype=np.float64)))
     by_rank = raw_u / math.fsum(raw_u.tolist()) - 1.0 / n
     # by_rank[k] belongs to the k-th highest reward; tie groups share their ranks' mean.
     _, inverse, counts = np.unique(-r, return_inverse=True, return_counts=True)

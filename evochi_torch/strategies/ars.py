@@ -72,7 +72,8 @@ class ARS(Strategy):
         std = 1.0
         if opts.reward_std_scaling:
             mean = math.fsum(used.tolist()) / used.size
-            std = math.sqrt(math.fsum(((used - mean) ** 2).tolist()) / used.size)
+            dev = used - mean
+            std = math.sqrt(math.fsum((dev * dev).tolist()) / used.size)
         coef = np.zeros(config.population_size)
         if std > 0.0:
             coef[2 * order] = plus[order] / (b * std)

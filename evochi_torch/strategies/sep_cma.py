@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import portable
 from .base import Strategy, f32, f64, noise_sums, ranked, require, scalar
 
 
@@ -44,14 +45,14 @@ def constants(npop: int, d: int, mu: int | None = None) -> dict[str, float | np.
     mu = npop // 2 if mu is None else mu
     if not 1 <= mu <= npop:
         raise ValueError(f"sep_cma: mu must be in [1, population_size={npop}], got {mu}")
-    raw_w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1, dtype=np.float64))
+    raw_w = portable.log(mu + 0.5) - portable.log(np.arange(1, mu + 1, dtype=np.float64))
     w = raw_w / math.fsum(raw_w.tolist())
     mu_eff = 1.0 / math.fsum((w * w).tolist())
     cs = (mu_eff + 2.0) / (d + mu_eff + 5.0)
     ds = 1.0 + 2.0 * max(0.0, math.sqrt((mu_eff - 1.0) / (d + 1.0)) - 1.0) + cs
     cc = (4.0 + mu_eff / d) / (d + 4.0 + 2.0 * mu_eff / d)
-    c1 = 2.0 / ((d + 1.3) ** 2 + mu_eff)
-    cmu = min(1.0 - c1, 2.0 * (mu_eff - 2.0 + 1.0 / mu_eff) / ((d + 2.0) ** 2 + mu_eff))
+    c1 = 2.0 / ((d + 1.3) * (d + 1.3) + mu_eff)
+    cmu = min(1.0 - c1, 2.0 * (mu_eff - 2.0 + 1.0 / mu_eff) / ((d + 2.0) * (d + 2.0) + mu_eff))
     sep = (d + 2.0) / 3.0
     c1 = min(1.0, c1 * sep)
     cmu = min(1.0 - c1, cmu * sep)
@@ -106,14 +107,14 @@ class SepCMA(Strategy):
         yw = sqrt_c * zw
         center = f64(params) + config.lr * sigma * yw
         ps = (1.0 - cs) * ps + math.sqrt(cs * (2.0 - cs) * mu_eff) * zw
-        ps_norm = math.sqrt(float(np.sum(ps * ps)))
-        h_sigma = ps_norm / math.sqrt(1.0 - (1.0 - cs) ** (2 * (g + 1))) / chi < 1.4 + 2.0 / (
-            p + 1.0
+        ps_norm = portable.norm(ps)
+        h_sigma = ps_norm / math.sqrt(1.0 - portable.powi(1.0 - cs, 2 * (g + 1))) / chi < (
+            1.4 + 2.0 / (p + 1.0)
         )
         h = 1.0 if h_sigma else 0.0
         pc = (1.0 - cc) * pc + h * math.sqrt(cc * (2.0 - cc) * mu_eff) * yw
         C = (1.0 - c1 - cmu) * C + c1 * (pc * pc + (1.0 - h) * cc * (2.0 - cc) * C) + cmu * C * z2
-        sigma *= math.exp(cs / ds * (ps_norm / chi - 1.0))
+        sigma *= float(portable.exp(cs / ds * (ps_norm / chi - 1.0)))
         return f32(center), {
             "sigma": scalar(sigma),
             "C": f32(C),

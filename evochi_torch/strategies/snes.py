@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import portable
 from .base import Strategy, f32, f64, noise_sums, require
 
 
@@ -51,10 +52,10 @@ class SNES(Strategy):
         sigma = f64(require(state, "sigma", (p,), state["sigma"].dtype))
         eta_sigma = opts.sigma_learning_rate
         if eta_sigma is None:
-            eta_sigma = (3.0 + math.log(p)) / (5.0 * math.sqrt(p))
+            eta_sigma = (3.0 + float(portable.log(p))) / (5.0 * math.sqrt(p))
         offsets, signs = self.offsets(config, epoch, p, table)
         s_lin, s_sq = noise_sums(table, offsets, signs, p, u, u)
         sum_u = math.fsum(u.tolist())
         center = f64(params) + config.lr * sigma * f64(s_lin)
-        new_sigma = sigma * np.exp(0.5 * eta_sigma * (f64(s_sq) - sum_u))
+        new_sigma = sigma * portable.exp(0.5 * eta_sigma * (f64(s_sq) - sum_u))
         return f32(center), {"sigma": f32(new_sigma)}

@@ -1,0 +1,138 @@
+"""Floating-point math whose bits are the same on every CPU.
+
+Every worker applies the ES update to its own copy of the center, so the update must give the
+same bits on every machine of a fleet: Intel and AMD, AVX2 and AVX-512, any BLAS, any thread
+count. IEEE 754 guarantees that only for the basic operations (``+ - * /`` and ``sqrt``, each
+correctly rounded) when they are not fused. Everything else a library offers may take a code
+path chosen by the CPU:
+
+* ``torch.sqrt`` on the CPU goes through MKL's vector math, which is not correctly rounded
+  (1 ulp off for about a sixth of float32 inputs) and picks its kernel per CPU;
+* NumPy's float64 ``exp``, ``log`` and ``power`` dispatch to AVX-512 kernels where the CPU has
+  them, with other rounding than their AVX2 kernels;
+* libm's ``pow`` and ``exp`` pick FMA variants at load time; summation order follows SIMD width.
+
+So the update uses only the functions below: compositions of correctly rounded basic
+operations in a fixed order (NumPy ufuncs apply one operation per call and never fuse), or
+exactly rounded sums (``math.fsum``). Transcendental functions are evaluated by range
+reduction and a polynomial, accurate to a few float64 ulp, which is far below the float32
+rounding of the state they feed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["exp", "log", "norm", "powi", "sqrt32", "sum_exact", "sums_by_column"]
+
+# ln 2 split so that k * _LN2_HI is exact for |k| < 2**11 (Cody and Waite).
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+# Taylor coefficients 1/k! for exp on |r| <= ln(2)/2: the k = 14 term is below 2**-60.
+_EXP_COEFS = tuple(1.0 / math.factorial(k) for k in range(14, -1, -1))
+# log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.1716: odd terms up to s**29.
+_LOG_COEFS = tuple(2.0 / (2 * k + 1) for k in range(14, -1, -1))
+_SQRT_HALF = 0.70710678118654757
+
+
+def exp(x: np.ndarray | float) -> np.ndarray:
+    """``e**x`` in float64 (a few ulp), the same bits on every CPU.
+
+    Saturates like libm: ``0`` below -745, ``inf`` above 709.78; NaN stays NaN.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    xc = np.clip(np.where(np.isnan(x), 0.0, x), -746.0, 710.0)
+    k = np.rint(np.multiply(xc, _INV_LN2))
+    r = np.subtract(xc, np.multiply(k, _LN2_HI))
+    r = np.subtract(r, np.multiply(k, _LN2_LO))
+    p = np.full_like(r, _EXP_COEFS[0])
+    for c in _EXP_COEFS[1:]:
+        p = np.add(np.multiply(p, r), c)
+    # Two ldexp steps keep 2**k representable when k is near the ends of the range.
+    half = np.trunc(np.multiply(k, 0.5))
+    with np.errstate(over="ignore"):
+        out = np.ldexp(np.ldexp(p, half.astype(np.int64)), (k - half).astype(np.int64))
+    out = np.where(x > 709.782712893384, np.inf, out)
+    out = np.where(x < -745.2, 0.0, out)
+    return np.where(np.isnan(x), x, out)
+
+
+def log(x: np.ndarray | float) -> np.ndarray:
+    """Natural logarithm in float64 (a few ulp), the same bits on every CPU.
+
+    ``log(0) = -inf``; negative inputs give NaN; ``inf`` stays ``inf``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    finite_pos = np.isfinite(x) & (x > 0.0)
+    safe = np.where(finite_pos, x, 1.0)
+    m, e = np.frexp(safe)  # exact: safe = m * 2**e, m in [0.5, 1)
+    low = m < _SQRT_HALF
+    m = np.where(low, np.multiply(m, 2.0), m)  # exact
+    e = np.where(low, e - 1, e).astype(np.float64)
+    s = np.divide(np.subtract(m, 1.0), np.add(m, 1.0))
+    s2 = np.multiply(s, s)
+    p = np.full_like(s, _LOG_COEFS[0])
+    for c in _LOG_COEFS[1:]:
+        p = np.add(np.multiply(p, s2), c)
+    log_m = np.multiply(p, s)
+    out = np.add(np.multiply(e, _LN2_HI), np.add(log_m, np.multiply(e, _LN2_LO)))
+    out = np.where(x == 0.0, -np.inf, out)
+    out = np.where(x == np.inf, np.inf, out)
+    return np.where((x < 0.0) | np.isnan(x), np.nan, out)
+
+
+def powi(base: float, n: int) -> float:
+    """``base**n`` for an integer ``n >= 0`` by squaring: only correctly rounded products."""
+    if n < 0:
+        raise ValueError(f"powi needs n >= 0, got {n}")
+    result = 1.0
+    while n:
+        if n & 1:
+            result *= base
+        base *= base
+        n >>= 1
+    return result
+
+
+def sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root of a float32 CPU tensor (a new tensor).
+
+    NumPy's float32 ``sqrt`` is the CPU's IEEE square root instruction on every SIMD width.
+    """
+    a = x.detach().cpu().numpy()
+    if a.dtype != np.float32:
+        raise ValueError(f"sqrt32 takes float32, got {a.dtype}")
+    return torch.from_numpy(np.sqrt(a))
+
+
+def sum_exact(values: np.ndarray | Iterable[float]) -> float:
+    """The exactly rounded sum (``math.fsum``): independent of order and SIMD width."""
+    if isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
+    return math.fsum(values)
+
+
+def sums_by_column(a: np.ndarray) -> np.ndarray:
+    """Exactly rounded sum of each column of a 2-D array (float64 ``[n, d]`` -> ``[d]``)."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"sums_by_column takes a 2-D array, got shape {a.shape}")
+    cols = np.ascontiguousarray(a.T)
+    return np.array([math.fsum(col.tolist()) for col in cols], dtype=np.float64)
+
+
+def norm(x: torch.Tensor | np.ndarray) -> float:
+    """Euclidean norm, exactly rounded before the square root: the same bits on every CPU.
+
+    Each square is one correctly rounded product (exact for float32 inputs) and ``math.fsum``
+    adds them exactly, so neither SIMD width nor summation order can move a bit.
+    """
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    return math.sqrt(math.fsum(np.multiply(a, a).tolist()))

@@ -1,0 +1,59 @@
+"""Prints a digest of every strategy's update and of the observation statistics, as JSON.
+
+Run in subprocesses under different math-library switches by test_portability.py: each line
+of numbers must come out the same whatever code path the CPU, BLAS or SIMD dispatch picks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+
+from evochi_torch import ESConfig, NoiseTable
+from evochi_torch.gym import ObsStats
+from evochi_torch.strategies import STRATEGIES, ask, get_strategy
+
+P = 4099  # not a multiple of any SIMD width: every kernel runs its body and its tail
+NPOP = 16
+EPOCHS = 4
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def strategy_digest(name: str) -> str:
+    config = ESConfig(population_size=NPOP, strategy=name, sigma=0.1, seed=3)
+    s = get_strategy(name)
+    # Not torch.randn: its vectorised Box-Muller rounds per SIMD path. (In a training only the
+    # initializing worker draws the start, and everyone else receives it.)
+    params = torch.from_numpy(np.random.default_rng(1).standard_normal(P, dtype=np.float32))
+    table = NoiseTable.for_config(config, P)
+    state = s.init(config, params)
+    for epoch in range(EPOCHS):
+        pop = ask(config, params, state, epoch, table).numpy().astype(np.float64)
+        # Exactly rounded sums: the rewards must not depend on the switches either.
+        rewards = np.array([-math.fsum(((row - 0.3) * (row - 0.3)).tolist()) for row in pop])
+        params, state = s.update(params, state, rewards, epoch, table, config)
+    return _digest(params.numpy(), *(state[k].numpy() for k in sorted(state)))
+
+
+def stats_digest() -> str:
+    rng = np.random.default_rng(5)
+    stats = ObsStats.initial(17)
+    for n in (1, 333, 1000):
+        stats = stats.update(rng.normal(2.0, 3.0, size=(n, 17)))
+    return _digest(stats.mean, stats.var)
+
+
+if __name__ == "__main__":
+    out = {name: strategy_digest(name) for name in sorted(STRATEGIES)}
+    out["obs_stats"] = stats_digest()
+    print(json.dumps(out))
