@@ -15,14 +15,16 @@ policy) is kept under --runs-dir. Last line:
     mujoco env=HalfCheetah-v5 strategy=openai_es seed=0 env_steps=... seconds=... return=...
 
 and `result.json` with the same numbers goes into the run directory. `--table` runs every
-(strategy, env) pair of `--strategies` x `--envs` in turn, skipping pairs whose run directory
-already holds a `result.json` (so an interrupted table continues where it stopped), then prints
+(strategy, env) pair of `--strategies` x `--envs` in turn, skipping pairs that some run
+directory's `result.json` already holds (so an interrupted table continues where it stopped;
+the interrupted pair's new run goes beside the old one, which is kept), then prints
 the table; `--table --summarize` only prints it (markdown, one row per strategy) and plots one
 curve per strategy into `<out>/strategies-<env>.png` with `--out` (beside each run's
 metrics.csv and result.json).
 
 `python -m benchmarks.mujoco --summarize runs/benchmarks --out examples/mujoco/results` plots
-every env's seeds into `<out>/<env>.png`, copies their metrics.csv and prints a markdown table.
+every env's seeds into `<out>/<env>.png`, copies their metrics.csv and prints a markdown table;
+of several runs of one env and seed (runs are never overwritten) it takes the last written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import tyro
 
-from examples.mujoco.mujoco import PRESETS, SETTINGS, STRATEGIES, run, run_name
+from examples.mujoco.mujoco import PRESETS, SETTINGS, STRATEGIES, run
 
 
 def summarize(runs_dir: Path, out: Path) -> None:
@@ -50,13 +52,17 @@ def summarize(runs_dir: Path, out: Path) -> None:
     from evochi_torch.harness import load_state, offline_worker
     from examples.mujoco.mujoco import MuJoCoES
 
-    runs: dict[str, list[tuple[int, Path]]] = {}
+    latest: dict[tuple[str, int], Path] = {}
     strategies: dict[str, set[str]] = {}
-    for config in sorted(runs_dir.glob("*/config.json")):
+    # Oldest first, so that a later run of the same env and seed takes its place.
+    for config in sorted(runs_dir.glob("*/config.json"), key=lambda p: p.stat().st_mtime):
         record = json.loads(config.read_text())
         env = record["worker_kwargs"]["settings"]["env_id"]
-        runs.setdefault(env, []).append((record["es"]["seed"], config.parent))
+        latest[(env, record["es"]["seed"])] = config.parent
         strategies.setdefault(env, set()).add(record["es"].get("strategy", "openai_es"))
+    runs: dict[str, list[tuple[int, Path]]] = {}
+    for (env, seed), run_dir in sorted(latest.items()):
+        runs.setdefault(env, []).append((seed, run_dir))
     out.mkdir(parents=True, exist_ok=True)
     print("| env | seeds | env steps | wall time (s) | center return per seed | mean | median |")
     print("|---|---|---|---|---|---|---|")
@@ -110,14 +116,21 @@ def bench(env: str, strategy: str, seed: int, env_steps: int, workers: int, runs
     return record
 
 
-def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
-          out: Path | None) -> None:  # fmt: skip
-    """Markdown table (rows: strategies, columns: envs) of the finished runs, and curves."""
+def finished(runs_dir: Path, seed: int) -> dict[tuple[str, str], tuple[dict, Path]]:
+    """(strategy, env) -> (result.json, run directory) of the finished runs of `seed`; the
+    last written where a pair has several."""
     results = {}
-    for path in runs_dir.glob("*/result.json"):
+    for path in sorted(runs_dir.glob("*/result.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(path.read_text())
         if r["seed"] == seed:
             results[(r["strategy"], r["env"])] = (r, path.parent)
+    return results
+
+
+def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
+          out: Path | None) -> None:  # fmt: skip
+    """Markdown table (rows: strategies, columns: envs) of the finished runs, and curves."""
+    results = finished(runs_dir, seed)
     print("| strategy | " + " | ".join(envs) + " |")
     print("|---|" + "---|" * len(envs))
     for s in strategies:
@@ -186,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     envs, strategies = args.envs.split(","), args.strategies.split(",")
     runs_dir = args.runs_dir / f"table-{args.env_steps}"
     if not args.summarize:
+        done = finished(runs_dir, args.seed) if runs_dir.exists() else {}
         for env in envs:
             for s in strategies:
-                if (runs_dir / run_name(env, s, args.seed) / "result.json").exists():
+                if (s, env) in done:
                     continue
                 print(f"mujoco table: {s} on {env}", flush=True)
                 bench(env, s, args.seed, args.env_steps, args.workers, runs_dir, extra)

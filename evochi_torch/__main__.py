@@ -1,6 +1,7 @@
 """`evochi-torch`: train on this machine, or join a remote server with local workers.
 
 evochi-torch train examples.cartpole:CartPole --workers 2      # -> runs/CartPole-s0/
+evochi-torch train examples.cartpole:CartPole --workers 2      # again: runs/CartPole-s0-<time>/
 evochi-torch train examples.cartpole:CartPole --resume runs/CartPole-s0 --max-epochs 200
 evochi-torch play examples.cartpole:CartPole runs/CartPole-s0 --gif out.gif
 evochi-torch export /var/lib/evochi policy.safetensors        # a server's --state-dir
@@ -144,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedded server + N local worker processes",
         description="Start an embedded evochi server on this machine and N local worker "
         "processes, and train until --max-epochs (or --env-steps, or --target). Every training "
-        "writes a run directory: checkpoint.safetensors (the full training state), "
-        "best.safetensors (with a center evaluation), metrics.csv, curve.png, config.json.",
+        "writes a run directory of its own: checkpoint.safetensors (the full training state), "
+        "best.safetensors (with a center evaluation), metrics.csv, curve.png, config.json "
+        "(the settings, and each --resume). No training writes into another run's directory "
+        "unless told to (--resume, --overwrite).",
     )
     _common_worker_flags(tr)
     tr.add_argument(
@@ -193,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.add_argument("--join-token", default=None, help="the server's join token, if it has one")
     wk.add_argument(
+        "--give-up-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop reconnecting once the server has been gone this long: exit 0 when the "
+        "worker had finished the training's last epoch, else 1; 0 = never. Default: 10 "
+        "heartbeat intervals of the server (5 worker timeouts), at least 60",
+    )
+    wk.add_argument(
         "--tls-ca",
         default=None,
         metavar="PEM",
@@ -239,12 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run directory, metrics and stopping")
-    group.add_argument(
-        "--run-dir", default=None, help="where to write the run. Default: runs/<Class>-s<seed>"
-    )
+    group.add_argument("--run-dir", default=None,
+                       help="where to write the run; refused when it is not empty (see "
+                       "--resume, --overwrite). Default: runs/<Class>-s<seed>, with the start "
+                       "time appended when that exists (runs/<Class>-s<seed>-YYYYmmdd-HHMMSS)"
+                       )  # fmt: skip
     group.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue this run from its last checkpoint (bit-identical to an "
-                       "uninterrupted run; its ES config is used)")  # fmt: skip
+                       "uninterrupted run; its ES config is used; config.json records the "
+                       "resume)")  # fmt: skip
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete the run in --run-dir (or runs/<Class>-s<seed>) and write "
+                       "this one there")  # fmt: skip
     group.add_argument("--checkpoint-every", type=int, default=10, metavar="K",
                        help="write the checkpoint, curve and metrics every K epochs and at the "
                        "end. Default: 10")  # fmt: skip
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            return _train(args, cls, config, placed, placement)
+            command = sys.argv if argv is None else ["evochi-torch", *argv]
+            return _train(args, cls, config, placed, placement, command)
 
         spec = _worker_spec(args, config, threads)
         return run_until_signalled(_run_workers(spec, args.server, placed, args.restart))
@@ -323,10 +342,13 @@ def _worker_spec(args: argparse.Namespace, config: ESConfig, threads: int | None
     if args.tls_ca:
         with open(args.tls_ca, "rb") as fh:
             root = fh.read()
+    kwargs: dict[str, Any] = {"config": config}
+    if getattr(args, "give_up_after", None) is not None:
+        kwargs["give_up_after"] = args.give_up_after or None
     return WorkerSpec(
         args.target,
         args.cores or 256,
-        {"config": config},
+        kwargs,
         threads,
         join_token=args.join_token,
         root_certificates=root,
@@ -335,7 +357,12 @@ def _worker_spec(args: argparse.Namespace, config: ESConfig, threads: int | None
 
 
 def _train(
-    args: argparse.Namespace, cls: type, config: ESConfig, placed: list[str], placement: Any = None
+    args: argparse.Namespace,
+    cls: type,
+    config: ESConfig,
+    placed: list[str],
+    placement: Any = None,
+    command: list[str] | None = None,
 ) -> int:
     from evochi_torch.harness import RunConfig, Trainer
 
@@ -356,6 +383,7 @@ def _train(
         checkpoint_every=args.checkpoint_every,
         run_dir=Path(args.run_dir) if args.run_dir else None,
         resume=Path(args.resume) if args.resume else None,
+        overwrite=args.overwrite,
         loggers=loggers,
         quiet=args.quiet,
         workers=len(placed),
@@ -370,7 +398,7 @@ def _train(
         ray=placement,
     )
     try:
-        trainer = Trainer(args.target, None if args.resume else config, run)
+        trainer = Trainer(args.target, None if args.resume else config, run, argv=command)
         # SIGTERM/SIGHUP stop the training as Ctrl-C does (the checkpoint is kept), then
         # main() reports them.
         result = run_until_signalled(trainer.fit_async())

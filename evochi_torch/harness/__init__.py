@@ -1,17 +1,18 @@
 """The training harness: run directories, metrics, loggers, progress, resume.
 
-* :mod:`~evochi_torch.harness.trainer`: `Trainer`, `RunConfig`, `train`, `RunDir`;
+* :mod:`~evochi_torch.harness.trainer`: `Trainer`, `RunConfig`, `train`;
+* :mod:`~evochi_torch.harness.rundir`: `RunDir`, and the rule that no run replaces another;
 * :mod:`~evochi_torch.harness.loggers`: CSV, TensorBoard, Weights & Biases;
 * :mod:`~evochi_torch.harness.progress`: progress lines and the learning curve.
 """
 
 from .loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger, make_loggers, read_metrics
 from .progress import plot_curve, progress_line
+from .rundir import RunDir, RunDirExistsError, new_run_dir
 from .trainer import (
     METRICS_FIELDS,
     TIMING_FIELDS,
     RunConfig,
-    RunDir,
     RunResult,
     Trainer,
     attach_state,
@@ -27,6 +28,7 @@ __all__ = [
     "Logger",
     "RunConfig",
     "RunDir",
+    "RunDirExistsError",
     "RunResult",
     "TensorBoardLogger",
     "Trainer",
@@ -34,6 +36,7 @@ __all__ = [
     "attach_state",
     "load_state",
     "make_loggers",
+    "new_run_dir",
     "offline_worker",
     "plot_curve",
     "progress_line",

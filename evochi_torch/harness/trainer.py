@@ -2,9 +2,11 @@
 
     from evochi_torch import train
     result = train(CartPole, max_epochs=50, workers=2)      # -> runs/CartPole-s0/
+    # the same again: -> runs/CartPole-s0-20261207-141500/ (the first run is kept)
 
 `Trainer` puts small parts together around `evochi_torch.launch.train` (embedded server +
-worker processes): a `RunDir` (checkpoints, config), loggers (metrics.csv and the optional
+worker processes): a `RunDir` of its own (checkpoints, config; no training writes into
+another run's directory, see `rundir`), loggers (metrics.csv and the optional
 TensorBoard/wandb), progress lines, an optional center evaluation by the worker class's
 `evaluate_center(policy) -> float`, stopping rules (epochs, env-step budget, target score) and
 resume from the run's last checkpoint, bit-identical to an uninterrupted training.
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import math
+import shutil
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from ..launch import train as launch_train
 from ..ray import RayPlacement
 from .loggers import Logger, make_loggers, read_metrics
 from .progress import plot_curve, progress_line
+from .rundir import RunDir, new_run_dir, record_resume, record_start
 
 __all__ = [
     "METRICS_FIELDS",
@@ -79,12 +84,14 @@ class RunConfig:
     checkpoint_every: int = 10
     """write checkpoint.safetensors, the curve and metrics every K epochs (and at the end)"""
     name: str | None = None
-    """run directory name under runs_dir (default: <Class>-s<seed>)"""
+    """run directory name under runs_dir (default <Class>-s<seed>); taken: start time appended"""
     runs_dir: Path = Path("runs")
     run_dir: Path | None = None
-    """the run directory itself (overrides runs_dir/name)"""
+    """the run directory itself (overrides runs_dir/name); must be empty, unless resume/overwrite"""
     resume: Path | None = None
-    """continue the run in this directory from its last checkpoint"""
+    """continue the run in this directory from its last checkpoint; config.json records it"""
+    overwrite: bool = False
+    """replace (delete) the run in the run directory instead of refusing run_dir or renaming"""
     loggers: tuple[str, ...] = ()
     """extra loggers besides metrics.csv: tensorboard, wandb"""
     quiet: bool = False
@@ -116,30 +123,6 @@ class RunResult:
     @property
     def last(self) -> dict[str, Any]:
         return self.rows[-1]
-
-
-class RunDir:
-    """``runs/<name>/``: checkpoint.safetensors (the full training state, latest),
-    best.safetensors (best center score), metrics.csv, curve.png, config.json."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    checkpoint = property(lambda self: self.path / "checkpoint.safetensors")
-    best = property(lambda self: self.path / "best.safetensors")
-    metrics = property(lambda self: self.path / "metrics.csv")
-    curve = property(lambda self: self.path / "curve.png")
-    config = property(lambda self: self.path / "config.json")
-
-    def write_config(self, data: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-    def load(self, which: str = "checkpoint") -> TorchESState:
-        path = self.best if which == "best" else self.checkpoint
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: not a run directory with a checkpoint")
-        return load_checkpoint(path)
 
 
 def load_state(path: str | Path, which: str = "checkpoint") -> TorchESState:
@@ -203,6 +186,7 @@ class Trainer:
             checkpoint's).
         run: how the training runs and what it writes.
         worker_kwargs: extra constructor arguments of the worker class (picklable).
+        argv: the command line config.json records for this training (default: sys.argv).
     """
 
     def __init__(
@@ -211,12 +195,15 @@ class Trainer:
         config: ESConfig | None = None,
         run: RunConfig | None = None,
         worker_kwargs: dict[str, Any] | None = None,
+        argv: Sequence[str] | None = None,
     ) -> None:
+        self.argv = list(sys.argv if argv is None else argv)
         self.cls = load_class(worker) if isinstance(worker, str) else worker
         self.target = worker if isinstance(worker, str) else class_path(worker)
         self.run = run or RunConfig()
         self.worker_kwargs = dict(worker_kwargs or {})
         self.resumed: TorchESState | None = None
+        self._check_placement()
         if self.run.resume is not None:
             self.resumed = RunDir(self.run.resume).load()
             config = self.resumed.config
@@ -241,14 +228,43 @@ class Trainer:
             raise ValueError("checkpoint_every must be >= 1")
 
     # ------------------------------------------------------------------ pieces
-    def run_dir(self) -> RunDir:
+    def _check_placement(self) -> None:
+        run = self.run
+        if run.resume is None:
+            return
+        if run.overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: resume continues the run, "
+                "overwrite replaces it"
+            )
+        if run.run_dir is not None and Path(run.run_dir).resolve() != Path(run.resume).resolve():
+            raise ValueError(
+                f"a resumed run stays in its directory {run.resume}: drop run_dir {run.run_dir}"
+            )
+
+    def run_name(self) -> str:
+        """The run directory's name under runs_dir before it is made unique."""
+        return self.run.name or f"{self.cls.__name__}-s{self.config.seed}"
+
+    def _open_run_dir(self) -> tuple[RunDir, bool]:
         run = self.run
         if run.resume is not None:
-            return RunDir(run.resume)
-        if run.run_dir is not None:
-            return RunDir(run.run_dir)
-        name = run.name or f"{self.cls.__name__}-s{self.config.seed}"
-        return RunDir(run.runs_dir / name)
+            return RunDir(run.resume), False
+        return new_run_dir(run.runs_dir, self.run_name(), run.run_dir, overwrite=run.overwrite)
+
+    def _write_record(self, run_dir: RunDir) -> list[dict[str, Any]]:
+        """Writes config.json; returns the metrics rows a resumed run keeps."""
+        if self.resumed is None:
+            run_dir.write_config(record_start(self.config_record(), self.argv))
+            return []
+        record = record_resume(run_dir.read_config(), self.resumed.epoch, {
+            "run": dataclasses.asdict(self.run),
+            "worker_kwargs": self.config_record()["worker_kwargs"],
+        }, self.argv)  # fmt: skip
+        run_dir.write_config(record)
+        if not run_dir.metrics.exists():
+            return []
+        return [r for r in read_metrics(run_dir.metrics) if r["epoch"] <= self.resumed.epoch]
 
     def config_record(self) -> dict[str, Any]:
         return {
@@ -263,34 +279,30 @@ class Trainer:
         return asyncio.run(self.fit_async())
 
     async def fit_async(self) -> RunResult:
-        run = self.run
-        run_dir = self.run_dir()
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        rows: list[dict[str, Any]] = []
-        if self.resumed is not None:
-            if run_dir.metrics.exists():
-                upto = self.resumed.epoch
-                rows = [r for r in read_metrics(run_dir.metrics) if r["epoch"] <= upto]
-            record = json.loads(run_dir.config.read_text()) if run_dir.config.exists() else {}
-            record.setdefault("resumed", []).append(
-                {"from_epoch": self.resumed.epoch, "run": dataclasses.asdict(run)}
-            )
-            run_dir.write_config(json.loads(json.dumps(record, default=str)))
-        else:
-            run_dir.write_config(self.config_record())
-        loggers = make_loggers(
-            run.loggers,
-            run_dir.path,
-            METRICS_FIELDS,
-            name=run_dir.path.name,
-            config=self.config_record(),
-            keep=rows,
-        )
+        run_dir, created = self._open_run_dir()
         try:
-            return await self._train(run_dir, rows, loggers)
-        finally:
-            for logger in loggers:
-                logger.close()
+            rows = self._write_record(run_dir)
+            loggers = make_loggers(
+                self.run.loggers,
+                run_dir.path,
+                METRICS_FIELDS,
+                name=run_dir.path.name,
+                config=self.config_record(),
+                keep=rows,
+            )
+            try:
+                return await self._train(run_dir, rows, loggers)
+            finally:
+                for logger in loggers:
+                    logger.close()
+        except BaseException:
+            if self.resumed is None and not run_dir.trained():
+                # Nothing was trained: a rerun of the same command, its mistake fixed, must
+                # not be refused for a directory that holds only a config.json.
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+                if not created:  # the user's empty directory: left as it was found
+                    run_dir.path.mkdir(exist_ok=True)
+            raise
 
     async def _train(
         self, run_dir: RunDir, rows: list[dict[str, Any]], loggers: list[Logger]

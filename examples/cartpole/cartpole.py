@@ -8,7 +8,8 @@
 Everything but the task is the library's: `GymWorker` runs the episodes (gymnasium's vector
 CartPole, argmax actions) and evaluates the center policy on fixed start states; `Trainer`
 starts the server and the workers, prints one line per epoch, stops once the center policy is
-solved and writes runs/cartpole-s<seed>/ (checkpoints, metrics.csv, curve.png, config.json).
+solved and writes runs/cartpole-s<seed>/ (checkpoints, metrics.csv, curve.png, config.json);
+a second run goes beside it, with its start time appended (runs/cartpole-s0-20261207-141500/).
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def run(args: Args) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(tyro.cli(Args, args=argv))
+    try:
+        result = run(tyro.cli(Args, args=argv))
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a taken --run.run-dir: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     solved = result.stopped_by == "target"
     print(f"{'solved' if solved else 'not solved'} epoch={result.last['epoch']} "
           f"env_steps={result.last['env_steps']} seconds={result.last['seconds']:.2f} "

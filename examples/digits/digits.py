@@ -81,7 +81,11 @@ def run(args: Args) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = run(tyro.cli(Args, args=argv))
+    try:
+        result = run(tyro.cli(Args, args=argv))
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a taken --run.run-dir: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"test accuracy {result.last['center_score']:.4f} after {result.last['epoch']} epochs "
           f"({result.last['seconds']:.1f} s)")  # fmt: skip
     return 0

@@ -10,8 +10,9 @@
 Read top to bottom: the per-environment defaults, the worker (the library's `GymWorker` does
 the rollouts, observation normalisation, common random numbers and evaluation; this file adds
 ARS's top-k pairs), then the training: the library's `Trainer` writes runs/<env>-s<seed>/
-(checkpoints, metrics.csv, curve.png, config.json), and the final center policy is evaluated
-on 10 fixed episodes.
+(checkpoints, metrics.csv, curve.png, config.json; a later run of the same name gets its start
+time appended, `--run.resume` continues a run, `--run.overwrite` replaces one), and the final
+center policy is evaluated on 10 fixed episodes.
 """
 
 from __future__ import annotations
@@ -211,7 +212,11 @@ def run(args: Args) -> tuple[RunResult, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result, _ = run(tyro.extras.overridable_config_cli(PRESETS, args=argv))
+    try:
+        result, _ = run(tyro.extras.overridable_config_cli(PRESETS, args=argv))
+    except (ValueError, FileNotFoundError) as exc:  # e.g. a taken --run.run-dir: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 1 if result.crashed else 0
 
 

@@ -42,6 +42,9 @@ def test_help_explains_every_flag() -> None:
         assert out.returncode == 0
         for flag in ("--devices", "--cores", "--sigma", "--learning-rate", "--population-size"):
             assert flag in out.stdout, (command, flag)
+        if command == "train":
+            for flag in ("--run-dir", "--resume", "--overwrite"):
+                assert flag in out.stdout, flag
     bad = subprocess.run(launcher("train", "nope:Nothing"), capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "cannot import module 'nope'" in bad.stderr
 
