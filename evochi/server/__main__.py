@@ -54,6 +54,16 @@ async def serve(config: ServerConfig) -> None:
         drained = loop.create_task(server.service.wait_drained(config.worker_timeout))
         await asyncio.wait({drained, stopping}, return_when=asyncio.FIRST_COMPLETED)
         drained.cancel()
+    linger = server.service.linger_left(config.linger_seconds)
+    if not stop.is_set() and linger > 0:
+        # Workers in their reconnect back-off (the server restarted, or they lost their
+        # connection lately) would find no server and could not tell a finished training
+        # from a crash: they are told, as any joiner now is, with hello + stop.
+        log.info("training finished; telling reconnecting workers so for %.0fs more "
+                 "(--finish-linger)", linger)  # fmt: skip
+        lingering = loop.create_task(asyncio.sleep(linger))
+        await asyncio.wait({lingering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        lingering.cancel()
     if stop.is_set():
         log.info("shutting down")
     finished.cancel()

@@ -76,6 +76,12 @@ class ServerConfig:
     port: int = 8080
     metrics_port: int | None = None
     log_level: str = "info"
+    # Standalone server only: after the finish, keep answering Subscribe (hello + stop) until
+    # this many seconds have passed since a worker may last have started reconnecting (one
+    # was lost, or the server continued a stored training), so that workers in their
+    # reconnect back-off learn that the training has finished. None: max(10 s,
+    # 2 x worker_timeout); evochi workers retry at least once per heartbeat interval.
+    finish_linger: float | None = None
 
     def __post_init__(self) -> None:
         def check_int(name: str, low: int, high: int = INT32_MAX) -> None:
@@ -99,6 +105,11 @@ class ServerConfig:
             )
         if self.metrics_port is not None:
             check_int("metrics_port", 0, 65535)
+        if self.finish_linger is not None:
+            value = self.finish_linger
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"finish_linger must be a finite non-negative number, got "
+                                  f"{value!r}")  # fmt: skip
         for name in ("worker_timeout", "straggler_factor", "straggler_min_seconds"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -120,6 +131,13 @@ class ServerConfig:
     @property
     def heartbeat_interval(self) -> int:
         return max(1, int(self.worker_timeout / 2))
+
+    @property
+    def linger_seconds(self) -> float:
+        """How long a finished standalone server keeps answering (see ``finish_linger``)."""
+        if self.finish_linger is not None:
+            return float(self.finish_linger)
+        return max(10.0, 2.0 * self.worker_timeout)
 
     @property
     def logging_level(self) -> int:
@@ -214,6 +232,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "heartbeat_before_work": ("EVOCHI_HEARTBEAT_BEFORE_WORK", _bool),
     "max_message_bytes": ("EVOCHI_MAX_MESSAGE_BYTES", _int),
     "transport": ("EVOCHI_TRANSPORT", lambda v, _n: v.strip().lower()),
+    "finish_linger": ("EVOCHI_FINISH_LINGER", lambda v, _n: parse_duration(v)),
 }
 
 
@@ -277,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
             "a worker missing a heartbeat or a task deadline for this long is removed (after "
             "a missed deadline, that kind of task gets twice as long, up to 16x); heartbeats "
             f"are due every half of it (default 1m) [{_env('worker_timeout')}]"
+        ),
+    )
+    add(
+        "--finish-linger",
+        type=_duration_arg,
+        metavar="DURATION",
+        help=(
+            "after the training finished, keep telling workers that join so (hello + stop) "
+            "until this long after a worker was last lost or the server restarted, so that "
+            "reconnecting workers stop too; 0 = exit once every connected worker has its "
+            f"stop (default: 2x --worker-timeout, at least 10s) [{_env('finish_linger')}]"
         ),
     )
     add(

@@ -15,6 +15,9 @@ Vocabulary:
 - each member is *recorded* at most once per epoch (a boolean mask); ``cover`` counts the
   open evaluate tasks holding a member, so that a lost task returns exactly the members
   nobody else holds or has recorded to the stack of unassigned slices.
+- a worker removed while it evaluated (missed deadline or heartbeat, lost stream) may still
+  deliver that one task's result late: the members nobody has recorded yet are recorded
+  from it (and taken off the stack); the rest is refused.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "Hello",
     "Initialize",
     "InvalidArgument",
+    "LateEvaluation",
     "LeaveCause",
     "NotFound",
     "Optimize",
@@ -67,6 +71,9 @@ REWARD_HISTORY = 4
 # Tokens of workers that saw the training finish stay valid for their late heartbeats and
 # results (accepted and discarded); beyond this many, the oldest are forgotten.
 RETIRED_LIMIT = 4096
+# Evaluate tasks of removed workers whose late result may still come (one per worker);
+# beyond this many, the oldest are forgotten (their results are then refused).
+DROPPED_LIMIT = 1024
 # A task that misses its deadline makes the next tasks of its kind get twice the time, up to
 # 2**MAX_DEADLINE_STRETCH x worker_timeout: a worker too slow for the deadline rejoins and
 # would otherwise get the same slice with the same deadline and miss it again, forever
@@ -259,6 +266,15 @@ class Reissued:
     members: int
 
 
+@dataclass(slots=True, frozen=True)
+class LateEvaluation:
+    """A removed worker's late evaluation result: ``members`` were recorded from it."""
+
+    worker_id: str
+    members: int
+    epoch: int
+
+
 Command = (
     Send
     | Close
@@ -269,6 +285,7 @@ Command = (
     | WorkerLeft
     | TaskFinished
     | Reissued
+    | LateEvaluation
 )
 
 
@@ -421,6 +438,11 @@ class Training:
         # Retired workers that held a task when the training finished: a result is still on
         # its way (a straggler still evaluating), due by the task's deadline at the latest.
         self._outstanding: dict[str, float] = {}
+        # Removed workers that held an evaluate task of this epoch: worker id -> (token, that
+        # task). Their token is good for nothing but that task's FinishEvaluation (see
+        # _late_evaluation).
+        self._dropped: dict[str, tuple[str, Task]] = {}
+        self._dropped_tokens: dict[str, str] = {}
         self._tasks: dict[str, Task] = {}
         # Insertion-ordered sets (dicts) so that scheduling is deterministic.
         self._idle: dict[str, None] = {}
@@ -464,9 +486,15 @@ class Training:
             del self._outstanding[wid]
         return len(self._outstanding)
 
-    def authenticate(self, token: str) -> str:
-        """The id of the live worker holding ``token``; UNAUTHENTICATED otherwise."""
+    def authenticate(self, token: str, *, removed: bool = False) -> str:
+        """The id of the live worker holding ``token``; UNAUTHENTICATED otherwise.
+
+        ``removed``: also a removed worker that may still deliver the evaluate task it held
+        (for FinishEvaluation only: its heartbeats must keep failing, that is how it learns
+        that it was removed)."""
         worker_id = self._tokens.get(token) or self._retired.get(token)
+        if worker_id is None and removed:
+            worker_id = self._dropped_tokens.get(token)
         if worker_id is None:
             raise Unauthenticated("unknown or expired worker token")
         return worker_id
@@ -514,6 +542,10 @@ class Training:
         for name, values in self._member_metrics.items():
             # A metric value is only ever recorded together with its member's reward.
             assert not (~np.isnan(values) & ~self.recorded).any(), f"stray {name!r} value"
+        assert len(self._dropped) == len(self._dropped_tokens) <= DROPPED_LIMIT
+        for wid, (token, task) in self._dropped.items():
+            assert wid not in self.workers and self._dropped_tokens[token] == wid
+            assert task.id not in self._tasks and task.kind == EVALUATE
 
     # ------------------------------------------------------------------ events in
 
@@ -607,31 +639,19 @@ class Training:
         """``evaluations``: (start, end, rewards) per slice, in any order."""
         if worker_id in self._retired_ids:
             return self._late_result(worker_id)
-        w = self._worker(worker_id)
+        w = self.workers.get(worker_id)
+        if w is None:
+            if worker_id in self._dropped:
+                return self._late_evaluation(worker_id, task_id, evaluations, now)
+            raise Unauthenticated("unknown or expired worker")
         task = self._task(w, task_id, EVALUATE)
         arrays, metrics = self._validate_evaluations(task, evaluations)
         out: list[Command] = []
         current = task.epoch == self.epoch and self.stage is not Stage.DONE
         if current:
-            recorded, rewards, cover = self.recorded, self.rewards, self._cover
-            for i, ((s, e), arr) in enumerate(arrays):
-                seg = recorded[s:e]
-                if not seg.any():
-                    if metrics is not None and metrics[i]:
-                        self._record_metrics(s, e, metrics[i], None)
-                    rewards[s:e] = arr
-                    seg[:] = True
-                    self._n_recorded += e - s
-                else:
-                    # Some members were recorded from a re-issued copy: first result wins.
-                    fresh = ~seg
-                    n = int(fresh.sum())
-                    if n:
-                        if metrics is not None and metrics[i]:
-                            self._record_metrics(s, e, metrics[i], fresh)
-                        rewards[s:e][fresh] = arr[fresh]
-                        seg[fresh] = True
-                        self._n_recorded += n
+            self._record(arrays, metrics)
+            cover = self._cover
+            for s, e in task.slices:
                 cover[s:e] -= 1
             self._open_evals.pop(task.id, None)
             width = sum(e - s for s, e in task.slices)
@@ -753,6 +773,9 @@ class Training:
         self._rates = []
         # name -> float64 value per member, NaN until recorded; made on first report.
         self._member_metrics: dict[str, np.ndarray] = {}
+        # A removed worker's result is wanted only in the epoch of its task.
+        self._dropped.clear()
+        self._dropped_tokens.clear()
 
     def _worker(self, worker_id: str) -> WorkerInfo:
         w = self.workers.get(worker_id)
@@ -765,6 +788,95 @@ class Training:
         its client ends normally (the training, and its state, are final)."""
         self._outstanding.pop(worker_id, None)
         return []
+
+    def _late_evaluation(
+        self,
+        worker_id: str,
+        task_id: str,
+        evaluations: Sequence[tuple[int, int, Iterable[float]]],
+        now: float,
+    ) -> list[Command]:
+        """The result of the evaluate task a worker held when it was removed. Its members that
+        nobody has recorded yet are recorded from it, wherever they are now: back on the
+        stack (taken off it) or in another worker's open task (whose result then counts for
+        the others only, as for a re-issued copy). Refused (NOT_FOUND) when every member is
+        recorded already or the epoch is over; accepted once."""
+        token, task = self._dropped[worker_id]
+        if task.id != task_id:
+            raise NotFound(
+                f"task {task_id!r} is not the evaluate task this worker held when it was removed"
+            )
+        if self.stage is not Stage.EVALUATE or task.epoch != self.epoch:
+            raise NotFound(
+                f"task {task_id!r} of epoch {task.epoch} came back after the epoch's "
+                "evaluation was over"
+            )
+        recorded = self.recorded
+        if all(recorded[s:e].all() for s, e in task.slices):
+            raise NotFound(
+                f"the members of task {task_id!r} were evaluated by another worker after "
+                "this worker was removed"
+            )
+        arrays, metrics = self._validate_evaluations(task, evaluations)
+        del self._dropped[worker_id]
+        del self._dropped_tokens[token]
+        members = self._record(arrays, metrics)
+        self._unstack_recorded()
+        out: list[Command] = [LateEvaluation(worker_id, members, task.epoch)]
+        self._schedule(now, out)
+        return out
+
+    def _record(
+        self,
+        arrays: list[tuple[tuple[int, int], np.ndarray]],
+        metrics: list[list[tuple[str, np.ndarray]] | None] | None,
+    ) -> int:
+        """Records the members of validated evaluations that nobody recorded before (the
+        first result wins); returns how many."""
+        recorded, rewards = self.recorded, self.rewards
+        total = 0
+        for i, ((s, e), arr) in enumerate(arrays):
+            seg = recorded[s:e]
+            if not seg.any():
+                if metrics is not None and metrics[i]:
+                    self._record_metrics(s, e, metrics[i], None)
+                rewards[s:e] = arr
+                seg[:] = True
+                total += e - s
+            else:
+                # Some members were recorded from a re-issued copy: first result wins.
+                fresh = ~seg
+                n = int(fresh.sum())
+                if n:
+                    if metrics is not None and metrics[i]:
+                        self._record_metrics(s, e, metrics[i], fresh)
+                    rewards[s:e][fresh] = arr[fresh]
+                    seg[fresh] = True
+                    total += n
+        self._n_recorded += total
+        return total
+
+    def _unstack_recorded(self) -> None:
+        """Takes recorded members off the stack of unassigned slices."""
+        recorded = self.recorded
+        stack: list[tuple[int, int]] = []
+        for s, e in self._stack:
+            seg = recorded[s:e]
+            if not seg.any():
+                stack.append((s, e))
+            else:
+                # Lowest members on top, as the rest of the stack.
+                stack.extend(reversed(_ranges(~seg, s)))
+        self._stack = stack
+
+    def _keep_dropped(self, w: WorkerInfo, task: Task) -> None:
+        """Remember the evaluate task of a removed worker: its result may still come."""
+        self._dropped[w.id] = (w.token, task)
+        self._dropped_tokens[w.token] = w.id
+        while len(self._dropped) > DROPPED_LIMIT:
+            oldest = next(iter(self._dropped))
+            token, _ = self._dropped.pop(oldest)
+            del self._dropped_tokens[token]
 
     def _task(self, w: WorkerInfo, task_id: str, kind: str) -> Task:
         task = w.task
@@ -968,6 +1080,7 @@ class Training:
             w.task = None
             if task.kind == EVALUATE and self._open_evals.pop(task.id, None) is not None:
                 returned = self._return_slices(task)
+                self._keep_dropped(w, task)
             elif task.kind == OPTIMIZE:
                 if task.waited and task.epoch == self.epoch:
                     self._waited_optimizes -= 1

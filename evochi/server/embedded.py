@@ -113,9 +113,12 @@ class EmbeddedServer:
         config = self.config
         snapshot: TrainingSnapshot | None = None
         writer: CheckpointWriter | None = None
+        # Continuing a training another server ran: its workers may be reconnecting.
+        restarted = self.initial_state is not None or bool(config.initial_state_file)
         if config.state_dir is not None:
             store = CheckpointStore(Path(config.state_dir))
             checkpoint = store.load()
+            restarted = restarted or checkpoint is not None
             if checkpoint is not None:  # (the configuration alone until epoch 1 starts)
                 stored = checkpoint.config.get("population_size")
                 if stored != config.population_size:
@@ -142,8 +145,17 @@ class EmbeddedServer:
             log.warning("the checkpoint in %s wins over the given initial state",
                         config.state_dir)  # fmt: skip
         service = EvochiService(
-            config, metrics=self.metrics, on_epoch=self.on_epoch, snapshot=snapshot, writer=writer
+            config,
+            metrics=self.metrics,
+            on_epoch=self.on_epoch,
+            snapshot=snapshot,
+            writer=writer,
+            restarted=restarted,
         )
+        if service.finished.is_set():
+            log.info("the training has finished (epoch %d of %d); workers that join are "
+                     "told so (hello + stop)", service.core.epoch,
+                     config.max_epochs)  # fmt: skip
         server: Http2Transport | GrpcioTransport
         if config.transport == "grpcio":
             server = GrpcioTransport(service, config)

@@ -56,6 +56,12 @@ class ServerMetrics:
             "Members of straggling evaluate tasks copied to idle workers.",
             registry=r,
         )
+        self.late_members = Counter(
+            "evochi_late_members",
+            "Members recorded from the late result of a worker removed while it evaluated "
+            "them (nobody else had recorded them yet).",
+            registry=r,
+        )
         self.rejected = Counter(
             "evochi_rejected_requests",
             "Requests answered with an error, by method and gRPC status code.",

@@ -17,6 +17,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -120,6 +121,7 @@ class EvochiService:
         on_epoch: EpochCallback | None = None,
         snapshot: core.TrainingSnapshot | None = None,
         writer: CheckpointWriter | None = None,
+        restarted: bool = False,
     ) -> None:
         self.config = config
         self.metrics = metrics or ServerMetrics()
@@ -145,6 +147,10 @@ class EvochiService:
         self._notice_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
+        # When a worker may last have started reconnecting: the last time one was lost
+        # without its stop, or now when this server continues a stored training (the
+        # previous server's workers are in their back-off). See linger_left().
+        self.last_loss = time.monotonic() if restarted else -math.inf
         # Set once finished and every worker's stream has ended and every result still
         # owed (a straggler's) has arrived: a server may exit without failing a client.
         self.drained = asyncio.Event()
@@ -174,6 +180,13 @@ class EvochiService:
     def finish_training(self) -> None:
         """Sends stop to every worker now and marks the training finished."""
         self._execute(self.core.finish_now())
+
+    def linger_left(self, linger: float) -> float:
+        """After the finish: seconds left until ``linger`` seconds have passed since a worker
+        may last have started reconnecting (see ``last_loss``). A worker in its reconnect
+        back-off then learns the training has finished (hello + stop) instead of finding no
+        server; one that retries at least this often cannot miss it."""
+        return max(0.0, self.last_loss + linger - time.monotonic())
 
     async def wait_drained(self, timeout: float | None = None) -> bool:
         """After the finish, waits until no worker is still owed an answer (see
@@ -219,7 +232,7 @@ class EvochiService:
             if method == "Subscribe":
                 self._check_join_token(bearer)
             else:
-                self._authenticate(bearer)
+                self._authenticate(bearer, removed=method == "FinishEvaluation")
         except core.CoreError as err:
             self._rejected(method, err)
             raise
@@ -279,7 +292,9 @@ class EvochiService:
         return _OK
 
     def _finish_evaluation(self, request: bytes, bearer: str | None) -> bytes:
-        worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
+        # Before looking at what a stranger sent; a removed worker may still deliver the
+        # evaluation it held.
+        worker_id = self._authenticate(bearer, removed=True)
         req = self._decode(pb.FinishEvaluationRequest, request)
         evaluations = [
             (e.slice.start, e.slice.end, e.rewards, e.metrics and _metric_pairs(e.metrics))
@@ -321,10 +336,10 @@ class EvochiService:
         except (DecodeError, ValueError, TypeError) as err:
             raise core.InvalidArgument(f"malformed {cls.__name__}: {err}") from None
 
-    def _authenticate(self, bearer: str | None) -> str:
+    def _authenticate(self, bearer: str | None, *, removed: bool = False) -> str:
         if bearer is None:
             raise core.Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        return self.core.authenticate(bearer)
+        return self.core.authenticate(bearer, removed=removed)
 
     def _rejected(self, method: str, err: core.CoreError) -> None:
         self.metrics.rejected.labels(method, err.code).inc()
@@ -435,6 +450,8 @@ class EvochiService:
             elif kind is core.WorkerLeft:
                 metrics.workers.set(command.workers)
                 metrics.leave(command.cause)
+                if command.cause != "training finished":
+                    self.last_loss = time.monotonic()
                 if command.returned_members:
                     metrics.reassignments.labels("evaluate").inc()
                 if command.reassigned_task:
@@ -456,6 +473,11 @@ class EvochiService:
             elif kind is core.Reissued:
                 metrics.reissued_members.inc(command.members)
                 log.info("re-issued %d members of a straggling evaluate task", command.members)
+            elif kind is core.LateEvaluation:
+                metrics.late_members.inc(command.members)
+                log.info("recorded %d members of epoch %d from the late result of removed "
+                         "worker %s", command.members, command.epoch,
+                         command.worker_id)  # fmt: skip
             elif kind is core.TrainingFinished:
                 log.info("training finished after epoch %d", command.epoch)
                 self._notices.put_nowait(command)

@@ -17,6 +17,11 @@ class ServerUnavailableError(EvochiError, ConnectionError):
     """The server could not be reached (wrong address, not started, network down)."""
 
 
+class ServerGoneError(ServerUnavailableError):
+    """A reconnecting worker gave up: no server for longer than its ``give_up_after``, and
+    the training had not finished when it last saw it."""
+
+
 class SubscriptionRejectedError(EvochiError):
     """The server refused the subscription (bad join token, too many workers, bad cores...)."""
 

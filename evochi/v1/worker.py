@@ -8,7 +8,11 @@ The API is the published evochi client's (`initialize`, `evaluate`, `optimize`,
 * `start()` returns when the server sends stop or ends the stream, and raises a clear
   `EvochiError` when the server is unreachable, refuses the worker or the stream breaks;
   with `reconnect=` it rejoins (as a new worker that receives the state in hello), once the
-  hook thread of the dropped session has returned: hooks never run beside each other;
+  hook thread of the dropped session has returned: hooks never run beside each other. The
+  result of an evaluation that outlived its session is still delivered (the server records
+  the members nobody else has). A server gone for longer than `give_up_after` ends
+  `start()`: normally when this worker had finished the last epoch, else with
+  `ServerGoneError`;
 * results are checked before they are sent, so a wrong slice or a NaN reward is reported
   where it was produced instead of as a remote INVALID_ARGUMENT;
 * states received from the network are decoded with an allow-list (see `codec`).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -28,7 +33,7 @@ import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -41,6 +46,7 @@ from evochi.v1.channel import insecure_channel
 from evochi.v1.codec import PickleZstdCodec, StateCodec
 from evochi.v1.errors import (
     ProtocolError,
+    ServerGoneError,
     ServerUnavailableError,
     StreamBrokenError,
     SubscriptionRejectedError,
@@ -67,6 +73,17 @@ _REJECTION_CODES = frozenset(
 _STALE_TASK_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
 # An encoding this quick blocks heartbeats and other events less than a thread hop costs.
 _INLINE_ENCODE_SECONDS = 0.001
+# gRPC waits up to 2 minutes between its own connection attempts after a long outage, so a
+# server that is back would go unnoticed for that long: a reconnecting worker must find a
+# restarted server (or one that only briefly says its training has finished) within about
+# one of its own retry delays.
+_CHANNEL_OPTIONS = (("grpc.max_reconnect_backoff_ms", 1000),)
+# give_up_after="auto": this many heartbeat intervals of the server (30 s, the reference
+# server's, before the first hello), and never less than _MIN_GIVE_UP seconds.
+_GIVE_UP_INTERVALS = 10
+_MIN_GIVE_UP = 60.0
+# Seconds a late evaluation result may take to reach a server that is still there.
+_LATE_RESULT_TIMEOUT = 30.0
 
 
 class _EvalFields(NamedTuple):
@@ -139,7 +156,10 @@ class ReconnectPolicy:
     """Exponential backoff with jitter between reconnection attempts.
 
     `max_attempts` counts consecutive failures; it resets once a session gets its hello.
-    None retries forever.
+    None retries forever (until the worker's `give_up_after`). Once a server has said its
+    heartbeat interval, the worker never waits longer than that between attempts: the server
+    drops a worker silent for two intervals anyway, and a server that restarted with a
+    finished training says so only for a while.
     """
 
     initial_delay: float = 0.5
@@ -150,6 +170,19 @@ class ReconnectPolicy:
     def delay(self, attempt: int) -> float:
         base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
         return base * random.uniform(0.8, 1.0)
+
+
+@dataclass
+class _InFlight:
+    """A plain evaluate or optimize hook whose result is still wanted if its session ends
+    first: the server may record a late evaluation, and an optimize result is the state."""
+
+    kind: int  # pb.EVENT_TYPE_EVALUATE or pb.EVENT_TYPE_OPTIMIZE
+    task_id: str
+    epoch: int
+    slices: list[slice]
+    auth: grpc.aio.Metadata | None  # the session's token: a late result is that worker's
+    result: asyncio.Future[Any]
 
 
 class Worker(abc.ABC, Generic[S]):
@@ -166,6 +199,12 @@ class Worker(abc.ABC, Generic[S]):
         connect_timeout: seconds to wait for the server before raising
             ServerUnavailableError (None waits forever).
         join_token: the server's join token, when it requires one.
+        give_up_after: with `reconnect`, seconds without a server (counted from the end of
+            the last session, or from `start()`) after which the worker stops trying.
+            `start()` then returns normally (after `on_stop`) when this worker had applied
+            the last epoch's optimize step (the training can only have finished), and
+            raises ServerGoneError otherwise. "auto": 10 heartbeat intervals of the server
+            (5 worker timeouts; 300 s before the first hello), at least 60 s. None: never.
     """
 
     def __init__(
@@ -177,9 +216,19 @@ class Worker(abc.ABC, Generic[S]):
         reconnect: bool | ReconnectPolicy = False,
         connect_timeout: float | None = 30.0,
         join_token: str | None = None,
+        give_up_after: float | Literal["auto"] | None = "auto",
     ) -> None:
         if not isinstance(cores, int) or cores <= 0:
             raise ValueError(f"cores must be a positive integer, got {cores!r}")
+        if give_up_after not in (None, "auto") and (
+            isinstance(give_up_after, bool)
+            or not isinstance(give_up_after, int | float)
+            or not give_up_after > 0
+        ):
+            raise ValueError(
+                f"give_up_after must be a positive number of seconds, 'auto' or None, "
+                f"got {give_up_after!r}"
+            )
         # A channel given as an address is made in start(): grpc.aio channels belong to an
         # event loop, and a worker may well be built before one runs.
         self._target = channel if isinstance(channel, str) else "the server"
@@ -196,6 +245,7 @@ class Worker(abc.ABC, Generic[S]):
         self._reconnect: ReconnectPolicy | None = reconnect or None
         self._connect_timeout = connect_timeout
         self._join_token = join_token
+        self._give_up_after = give_up_after
 
         self._id: str | None = None
         self._token: str | None = None
@@ -208,6 +258,10 @@ class Worker(abc.ABC, Generic[S]):
         self._epoch = 0
         self._closed = False
         self._session: asyncio.Task[bool] | None = None
+        self._in_flight: _InFlight | None = None
+        # This worker applied the optimize step of the training's last epoch (and has not
+        # joined a training since): its state is final, the training can only have finished.
+        self._at_end = False
         # Encoding a small state takes microseconds, a thread hop (and the GIL hand-back
         # under load) milliseconds on the epoch's critical path: encode on the event loop
         # while the last encoding was this quick.
@@ -294,31 +348,49 @@ class Worker(abc.ABC, Generic[S]):
     async def start(self) -> None:
         """Joins the training and serves it until the server says stop.
 
-        Raises ServerUnavailableError, SubscriptionRejectedError, StreamBrokenError or
-        ProtocolError; any exception from a hook propagates unchanged.
+        Raises ServerUnavailableError (ServerGoneError once `give_up_after` has passed),
+        SubscriptionRejectedError, StreamBrokenError or ProtocolError; any exception from a
+        hook propagates unchanged.
         """
         if self._closed:
             raise RuntimeError("the worker is closed")
         if self._channel is None:
-            self._channel = insecure_channel(self._target)
+            self._channel = insecure_channel(self._target, options=_CHANNEL_OPTIONS)
             self._stub = pb_grpc.EvochiServiceStub(self._channel)
+        self._in_flight = None
         attempt = 0
+        gone_since = time.monotonic()
         while True:
             try:
                 await self._wait_for_idle_hooks()
-                await self._wait_for_server()
+                await self._wait_for_server(self._give_up_seconds(gone_since))
                 self._session = asyncio.ensure_future(self._run_session())
                 await self._session
                 return
             except (ServerUnavailableError, StreamBrokenError) as exc:
                 if self._reconnect is None or self._closed:
                     raise
-                attempt = 1 if self.ready else attempt + 1
+                joined = self.ready
+                attempt = 1 if joined else attempt + 1
                 self._forget_session()
+                await self._settle_in_flight()
+                if self._closed:
+                    raise
+                if joined:
+                    # Counted from here: while its hook ran, the worker did not look.
+                    gone_since = time.monotonic()
                 limit = self._reconnect.max_attempts
                 if limit is not None and attempt > limit:
                     raise
+                left = self._give_up_seconds(gone_since)
+                if left is not None and left <= 0:
+                    await self._give_up(exc, time.monotonic() - gone_since)
+                    return
                 delay = self._reconnect.delay(attempt)
+                if self._heartbeat_interval > 0:
+                    delay = min(delay, float(self._heartbeat_interval))
+                if left is not None:
+                    delay = min(delay, left)
                 log.warning("%s; reconnecting in %.1fs (attempt %d)", exc, delay, attempt)
                 await asyncio.sleep(delay)
             finally:
@@ -356,6 +428,46 @@ class Worker(abc.ABC, Generic[S]):
     def _forget_session(self) -> None:
         self._id = self._token = self._auth = None
 
+    def _give_up_bound(self) -> float | None:
+        """Seconds without a server after which a reconnecting worker gives up; None: never."""
+        if self._reconnect is None or self._give_up_after is None:
+            return None
+        if self._give_up_after == "auto":
+            interval = self._heartbeat_interval or 30
+            return max(_MIN_GIVE_UP, float(_GIVE_UP_INTERVALS * interval))
+        return float(self._give_up_after)
+
+    def _give_up_seconds(self, gone_since: float) -> float | None:
+        """Seconds left before a reconnecting worker gives up; None: never."""
+        bound = self._give_up_bound()
+        return None if bound is None else gone_since + bound - time.monotonic()
+
+    async def _give_up(self, exc: Exception, waited: float) -> None:
+        """No server for `give_up_after`: a normal end if this worker had reached the end of
+        the training (the server finished and exited, or died at the very end), else
+        ServerGoneError."""
+        last = f"epoch {self._epoch}" + (f" of {self._max_epochs}" if self._max_epochs else "")
+        bound = self._give_up_bound()
+        if self._at_end:
+            log.warning(
+                "no evochi server at %s for %.0fs; this worker had finished the last epoch "
+                "(%s), so the training has finished: stopping",
+                self._target, waited, last,
+            )  # fmt: skip
+            await self._call_hook(self.on_stop, lambda: None)
+            return
+        seen = (
+            "it never joined a training"
+            if self._max_epochs is None
+            else f"the training had not finished when it was last seen ({last})"
+        )
+        message = (
+            f"gave up on the evochi server at {self._target}: unreachable for {waited:.1f}s "
+            f"(give_up_after={bound:g}s), and {seen}; last error: {exc}"
+        )
+        log.error("%s", message)
+        raise ServerGoneError(message) from exc
+
     async def _wait_for_idle_hooks(self) -> None:
         """Rejoins only once the hook thread of the dropped session returned: the server would
         hand the new session tasks whose deadlines pass while that thread still runs."""
@@ -369,13 +481,17 @@ class Worker(abc.ABC, Generic[S]):
 
         await asyncio.to_thread(wait)
 
-    async def _wait_for_server(self) -> None:
+    async def _wait_for_server(self, give_up_in: float | None = None) -> None:
+        timeout = self._connect_timeout
+        if give_up_in is not None:
+            shorter = max(give_up_in, 0.5)  # a last try still needs a moment to connect
+            timeout = shorter if timeout is None else min(timeout, shorter)
         try:
             assert self._channel is not None
-            await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout)
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except TimeoutError:
             raise ServerUnavailableError(
-                f"could not connect to {self._target} within {self._connect_timeout:g}s; "
+                f"could not connect to {self._target} within {timeout:.3g}s; "
                 "is the evochi server running and reachable?"
             ) from None
 
@@ -430,18 +546,24 @@ class Worker(abc.ABC, Generic[S]):
             ev = event.evaluate
             self._epoch = ev.epoch
             slices = [slice(s.start, s.end) for s in ev.slices]
-            evals = await self._call_hook(self.evaluate, ev.epoch, slices)
+            evals = await self._call_kept(
+                kind, ev.task_id, ev.epoch, slices, self.evaluate, ev.epoch, slices
+            )
             request = pb.FinishEvaluationRequest(
                 task_id=ev.task_id, evaluations=_to_evaluations(slices, evals)
             )
             await self._finish(self._rpc.FinishEvaluation, request)
+            self._in_flight = None  # only now: cut off mid-call, it is sent again late
         elif kind == pb.EVENT_TYPE_OPTIMIZE:
             ev = event.optimize
             self._epoch = ev.epoch
             # numpy turns the repeated field into floats faster than list() (same values).
             rewards = np.asarray(ev.rewards).tolist()
-            state = await self._call_hook(self.optimize, ev.epoch, rewards)
-            await self._set_state(state)
+            state = await self._call_kept(
+                kind, ev.task_id, ev.epoch, [], self.optimize, ev.epoch, rewards
+            )
+            self._in_flight = None
+            await self._optimized(ev.epoch, state)
             await self._finish(
                 self._rpc.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
             )
@@ -468,7 +590,78 @@ class Worker(abc.ABC, Generic[S]):
             log.warning("ignoring unknown event %s", _event_name(event))
         return False
 
+    async def _call_kept(
+        self,
+        kind: int,
+        task_id: str,
+        epoch: int,
+        slices: list[slice],
+        hook: Callable[..., Any],
+        *args: Any,
+    ) -> Any:
+        """`_call_hook` for evaluate and optimize: a plain hook's thread goes on when its
+        session ends (nothing can stop it), and its result is kept in `_in_flight` for
+        `_settle_in_flight`. A coroutine hook is cancelled with its session."""
+        if inspect.iscoroutinefunction(hook):
+            return await hook(*args)
+        result = self._start_hook(hook, *args)
+        result.add_done_callback(_consume_outcome)  # nobody may await it after a close()
+        self._in_flight = _InFlight(kind, task_id, epoch, slices, self._auth, result)
+        value = await asyncio.shield(result)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    def _start_hook(self, hook: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """A plain hook in a thread, holding the hook lock (see _call_hook)."""
+
+        def locked() -> Any:
+            with self._hook_lock:
+                return hook(*args)
+
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(None, context.run, locked)
+
+    async def _settle_in_flight(self) -> None:
+        """After a session ended in the middle of a plain evaluate or optimize hook: waits for
+        it, then sends the evaluation with the dropped session's token (the server records
+        the members nobody else has) or keeps the optimized state (final if that was the
+        last epoch). Exceptions of the hook propagate, as in a session."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None or self._closed:
+            return
+        if not flight.result.done():
+            log.warning("the session ended during the %s of epoch %d; waiting for it to return",
+                        "evaluation" if flight.kind == pb.EVENT_TYPE_EVALUATE else "optimize "
+                        "step", flight.epoch)  # fmt: skip
+        value = await flight.result
+        if inspect.isawaitable(value):
+            value = await value
+        if self._closed:
+            return
+        if flight.kind == pb.EVENT_TYPE_OPTIMIZE:
+            await self._optimized(flight.epoch, value)
+            return
+        request = pb.FinishEvaluationRequest(
+            task_id=flight.task_id, evaluations=_to_evaluations(flight.slices, value)
+        )
+        try:
+            await self._rpc.FinishEvaluation(
+                request, metadata=flight.auth, timeout=_LATE_RESULT_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info("the late result of task %s was not taken: %s: %s", flight.task_id,
+                     exc.code().name, exc.details())  # fmt: skip
+        else:
+            log.info("the late result of task %s was taken", flight.task_id)
+
+    async def _optimized(self, epoch: int, state: S) -> None:
+        if self._max_epochs and epoch >= self._max_epochs:
+            self._at_end = True
+        await self._set_state(state)
+
     async def _on_hello(self, hello: pb.HelloEvent) -> None:
+        self._at_end = False
         self._id = hello.id
         self._token = hello.token
         self._auth = grpc.aio.Metadata(("authorization", f"Bearer {hello.token}"))
@@ -529,12 +722,7 @@ class Worker(abc.ABC, Generic[S]):
         objects (environments, the state; MuJoCo crashed on that)."""
         if inspect.iscoroutinefunction(hook):
             return await hook(*args)
-
-        def locked() -> Any:
-            with self._hook_lock:
-                return hook(*args)
-
-        result = await asyncio.to_thread(locked)
+        result = await self._start_hook(hook, *args)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -561,7 +749,7 @@ class Worker(abc.ABC, Generic[S]):
             await asyncio.sleep(interval)
 
 
-def _consume_outcome(task: asyncio.Task[Any]) -> None:
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
     """Marks a cancelled session task's outcome as seen (the session already reported)."""
     if not task.cancelled():
         task.exception()

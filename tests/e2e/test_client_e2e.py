@@ -195,6 +195,42 @@ def test_reconnect_rejoins_as_a_new_worker() -> None:
     run(main(), timeout=60)
 
 
+def test_reconnecting_waits_at_most_one_heartbeat_interval_between_attempts() -> None:
+    """A long back-off policy is cut to the server's heartbeat interval (1 s here): a server
+    back after a restart (or saying that its training has finished) is found quickly."""
+
+    async def main() -> None:
+        config = ServerConfig(population_size=4, max_epochs=0, worker_timeout=2.0)
+        server = EmbeddedServer(config)
+        await server.start()
+        port = server.port
+        policy = evochi.ReconnectPolicy(initial_delay=30.0, max_delay=30.0)
+        worker = AsyncWorker(f"127.0.0.1:{port}", cores=2, reconnect=policy)
+        task = asyncio.create_task(worker.start())
+        while server.epoch < 2:
+            await asyncio.sleep(0.01)
+        first_id = worker.id
+        await server.stop(grace=0)
+        second = EmbeddedServer(ServerConfig(population_size=4, max_epochs=2), port=port)
+        await second.start()
+        started = time.monotonic()
+        await asyncio.wait_for(task, 20)  # it rejoined and the 2 epochs ran
+        assert worker.id != first_id
+        assert time.monotonic() - started < 10
+        await worker.close()
+        await second.stop()
+
+    run(main(), timeout=60)
+
+
+def test_give_up_after_is_checked() -> None:
+    for bad in (0, -1.0, True, "soon", float("nan")):
+        with pytest.raises(ValueError, match="give_up_after"):
+            AsyncWorker("127.0.0.1:1", cores=1, reconnect=True, give_up_after=bad)
+    for good in (0.5, 60, "auto", None):
+        AsyncWorker("127.0.0.1:1", cores=1, reconnect=True, give_up_after=good)
+
+
 class SlowFirstEvaluation(ReadmeWorker):
     """Its first evaluation outlasts the server's task deadline; it counts overlapping hooks."""
 

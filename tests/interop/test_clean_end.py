@@ -1,7 +1,9 @@
 """A clean end with the *published* client (evochi 0.1.4): a straggler still evaluating
 when the last epoch completes gets OK for its late result, its `start()` returns and its
 process exits 0, on both transports, embedded and with the standalone server (which exits 0
-once the straggler is done). Skipped like test_published_client.py without Python >= 3.12.
+once the straggler is done); a published worker joining a server restarted with a finished
+training is told so (hello + stop) and exits 0. Skipped like test_published_client.py
+without Python >= 3.12.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,44 @@ def test_the_standalone_server_exits_0_after_a_published_straggler(
             server.kill()
             server.communicate()
     assert server.returncode == 0, out
+
+
+def test_a_published_worker_is_told_that_a_restarted_servers_training_has_finished(
+    published_python: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The standalone server restarted from the --state-dir of a finished training answers a
+    published worker's Subscribe with hello (the final state) + stop: its `start()` returns
+    and it exits 0 holding the final state, as at any normal end."""
+    port = free_port()
+    args = ("--host=127.0.0.1", f"--port={port}", f"--state-dir={tmp_path / 'state'}")
+    address = f"127.0.0.1:{port}"
+    server = cli(*args, f"--population-size={POP}", f"--max-epochs={EPOCHS}",
+                 "--worker-timeout=30s")  # fmt: skip
+    try:
+
+        async def train() -> None:
+            await asyncio.to_thread(wait_for_port, port, server)
+            final = await published_worker(published_python, address, POP)
+            assert final == expected_state(EPOCHS, POP)
+
+        run(train(), timeout=300)
+        out, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, out
+        server = cli(*args)
+
+        async def rejoin() -> None:
+            await asyncio.to_thread(wait_for_port, port, server)
+            final = await published_worker(published_python, address, POP)
+            assert final == expected_state(EPOCHS, POP)
+
+        run(rejoin(), timeout=300)
+        assert server.poll() is None  # still answering: others may be reconnecting
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, out
+    assert f"the training has finished (epoch {EPOCHS} of {EPOCHS})" in out

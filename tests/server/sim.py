@@ -155,6 +155,26 @@ class Sim:
             pass
         return True
 
+    def deliver_late(self, w: SimWorker, evaluations: list | None = None) -> list[core.Command]:
+        """``w`` (removed, or hung) answers the oldest evaluate task in its inbox at last, with
+        a correct result unless ``evaluations`` says otherwise; CoreError when refused."""
+        event = next(e for e in w.inbox if isinstance(e, core.Evaluate))
+        t = self.t
+        self.submissions += 1
+        if evaluations is None:
+            evaluations = [
+                (s, e, [self.value(event.epoch, m) for m in range(s, e)]) for s, e in event.slices
+            ]
+        before_epoch, before_stage = t.epoch, t.stage
+        commands = self.apply(t.finish_evaluation(w.id, event.task_id, evaluations, self.now))
+        w.inbox.remove(event)
+        if self.track and event.epoch == before_epoch and before_stage is Stage.EVALUATE:
+            first = self.first.setdefault(event.epoch, {})
+            for s, e, values, *_ in evaluations:
+                for m, v in zip(range(s, e), values, strict=True):
+                    first.setdefault(m, v)
+        return commands
+
     def run(self, max_steps: int = 100_000, dt: float = 0.01, until_epochs: int = 0) -> None:
         """Let every live, non-hung worker work until nothing is left to do (or until
         ``until_epochs`` epochs completed)."""

@@ -229,3 +229,16 @@ def test_cli_runs_a_training_serves_metrics_and_exits_when_finished() -> None:
         assert name in "".join(metrics), name
     # Scraped during epoch 2 (the scrape at stop may race with the process exiting).
     assert any("evochi_epochs_total 1.0" in m and "evochi_workers 1.0" in m for m in metrics)
+
+
+def test_finish_linger_defaults_to_twice_the_worker_timeout_and_is_settable() -> None:
+    assert ServerConfig(population_size=1).linger_seconds == 120.0
+    assert ServerConfig(population_size=1, worker_timeout=2.0).linger_seconds == 10.0
+    cfg = resolve_config(explicit_settings(["--population-size=1", "--finish-linger=1m30s"], {}))
+    assert cfg.finish_linger == 90.0 and cfg.linger_seconds == 90.0
+    cfg = resolve_config(
+        explicit_settings([], {"EVOCHI_POPULATION_SIZE": "1", "EVOCHI_FINISH_LINGER": "0"})
+    )
+    assert cfg.linger_seconds == 0.0
+    with pytest.raises(ConfigError, match="finish_linger"):
+        ServerConfig(population_size=1, finish_linger=-1.0)

@@ -361,16 +361,27 @@ def test_missing_bad_or_foreign_tokens_are_unauthenticated() -> None:
                     UNAUTHENTICATED,
                 )
             assert server.service.core.recorded_members == 0
-            # A worker that left: its token died with it.
+            # A worker that left: its token died with it, but for the late result of the
+            # evaluation it held (see test_late_results.py).
             token = w.token
             await w.kill()
             for _ in range(100):
                 if not server.service.core.workers:
                     break
                 await asyncio.sleep(0.02)
+            auth = (("authorization", f"Bearer {token}"),)
             await expect_error(
-                stub.FinishEvaluation(request, metadata=(("authorization", f"Bearer {token}"),)),
+                stub.Heartbeat(pb.HeartbeatRequest(seq_id=2), metadata=auth), UNAUTHENTICATED
+            )
+            await expect_error(
+                stub.FinishOptimization(
+                    pb.FinishOptimizationRequest(task_id=ev.task_id), metadata=auth
+                ),
                 UNAUTHENTICATED,
+            )
+            other = pb.FinishEvaluationRequest(task_id="another", evaluations=request.evaluations)
+            await expect_error(
+                stub.FinishEvaluation(other, metadata=auth), grpc.StatusCode.NOT_FOUND
             )
             await w.close()
 

@@ -118,7 +118,8 @@ def test_server_process_restart_with_only_state_dir(tmp_path: Path) -> None:
         outputs.append(out)
         assert server.returncode == 0, out
         # Restart with nothing but the directory: population and max epochs come from it.
-        server = cli(*args)
+        # (No linger after the finish: no other worker is out there to be told.)
+        server = cli(*args, env={"EVOCHI_FINISH_LINGER": "0"})
         await asyncio.to_thread(wait_for_port, port, server)
         await asyncio.wait_for(task, 60)
         assert w.state == expected(12, 8)
@@ -183,8 +184,9 @@ def test_server_killed_before_epoch_1_restarts_from_the_directory_alone(tmp_path
         wait_for_port(port, server)
         server.kill()  # SIGKILL: nothing runs at exit; no worker ever joined
         server.communicate(timeout=20)
-        # Nothing but the directory: population, max epochs and timeout come from it.
-        server = cli(*args)
+        # Nothing but the directory: population, max epochs and timeout come from it. (No
+        # linger after the finish: no other worker is out there to be told.)
+        server = cli(*args, env={"EVOCHI_FINISH_LINGER": "0"})
 
         async def scenario() -> None:
             await asyncio.to_thread(wait_for_port, port, server)

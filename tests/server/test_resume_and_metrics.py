@@ -192,6 +192,7 @@ def test_the_standalone_server_resumes_from_a_state_file(tmp_path: Path) -> None
     proc = cli(
         "--host=127.0.0.1", f"--port={port}", "--population-size=5", "--max-epochs=8",
         f"--initial-state={state}", "--start-epoch=7", "--worker-timeout=10s",
+        "--finish-linger=0s",  # no other worker to wait for: exit once this one has its stop
     )  # fmt: skip
     try:
         wait_for_port(port, proc)
