@@ -62,6 +62,7 @@ __all__ = [
     "load_checkpoint",
     "load_policy",
     "save_checkpoint",
+    "state_digest",
 ]
 
 #: Value of the ``evochi.format`` header entry; bump on incompatible layout changes.
@@ -243,8 +244,17 @@ def _checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     h.update(STATE_FORMAT.encode() + b"\0")
     entries = {k: v for k, v in header.items() if k != _CHECKSUM_KEY}
-    canon = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    _hash_json(h, entries)
+    _hash_tensors(h, tensors)
+    return "sha256:" + h.hexdigest()
+
+
+def _hash_json(h: Any, obj: Any) -> None:
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=repr).encode()
     h.update(struct.pack("<Q", len(canon)) + canon)
+
+
+def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name]
         desc = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode()
@@ -252,7 +262,33 @@ def _checksum(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
         raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         h.update(struct.pack("<Q", raw.nbytes))
         h.update(memoryview(raw))
-    return "sha256:" + h.hexdigest()
+
+
+#: Prefix of :func:`state_digest`'s hash input; bump when what it covers changes.
+DIGEST_FORMAT = "evochi-torch-center/1"
+
+
+def state_digest(state: TorchESState) -> bytes:
+    """The sha256 (32 bytes) of everything that decides what a worker evaluates next.
+
+    Covers the epoch, the config, the noise fingerprint, every tensor (center, strategy
+    state, user tensors such as observation statistics) and the user's plain data; not the
+    library versions, which legitimately differ between the workers of one training. Two
+    workers with equal digests perturb the same center in the same way.
+    """
+    h = hashlib.sha256()
+    h.update(DIGEST_FORMAT.encode() + b"\0")
+    _hash_json(
+        h,
+        {
+            "epoch": int(state.epoch),
+            "config": state.config.to_dict(),
+            "noise": str(state.noise_fingerprint),
+            "extra": state.extra,
+        },
+    )
+    _hash_tensors(h, _cpu_tensors(state))
+    return h.digest()
 
 
 def _cpu_tensors(state: TorchESState) -> dict[str, torch.Tensor]:

@@ -26,7 +26,14 @@ from torch import nn
 
 from evochi.v1 import Eval, Worker
 
-from .codec import TorchESState, check_noise, decode_state, encode_state, initial_state
+from .codec import (
+    TorchESState,
+    check_noise,
+    decode_state,
+    encode_state,
+    initial_state,
+    state_digest,
+)
 from .config import ESConfig
 from .noise import NoiseTable, member_offsets, perturbed_params
 from .population import PopulationPolicy, flatten_params, load_flat
@@ -151,6 +158,11 @@ class TorchESWorker(Worker[TorchESState]):
         table = NoiseTable.for_params(config.seed, params.numel(), config.noise_table_size)
         self._table = table
         return initial_state(params, config, table)
+
+    def state_digest(self, state: TorchESState) -> bytes:
+        """`evochi_torch.codec.state_digest`: what a worker evaluates around, not the
+        library versions it runs."""
+        return state_digest(state)
 
     def on_state_change(self, state: TorchESState) -> None:
         adopted = state.config

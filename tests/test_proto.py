@@ -54,8 +54,10 @@ def test_wire_numbers_match_protocol() -> None:
         "heartbeat_interval": 5,
         "max_epochs": 6,
     }
-    assert numbers(pb.EvaluateEvent) == {"task_id": 1, "epoch": 2, "slices": 3}
-    assert numbers(pb.OptimizeEvent) == {"task_id": 1, "epoch": 2, "rewards": 3}
+    # Extension (docs/protocol.md): the training's state for a worker that drifted, and the
+    # digests that reveal the drift; all on numbers the published schema leaves free.
+    assert numbers(pb.EvaluateEvent) == {"task_id": 1, "epoch": 2, "slices": 3, "state": 4}
+    assert numbers(pb.OptimizeEvent) == {"task_id": 1, "epoch": 2, "rewards": 3, "state": 4}
     assert numbers(pb.InitializeEvent) == {"task_id": 1}
     assert numbers(pb.ShareStateEvent) == {"task_id": 1, "epoch": 2}
     assert numbers(pb.StopEvent) == {"task_id": 1}
@@ -71,9 +73,9 @@ def test_wire_numbers_match_protocol() -> None:
     }
     assert numbers(pb.HeartbeatRequest) == {"seq_id": 1, "timestamp": 2}
     assert numbers(pb.FinishEvaluationRequest) == {"task_id": 1, "evaluations": 2}
-    assert numbers(pb.FinishOptimizationRequest) == {"task_id": 1}
-    assert numbers(pb.FinishInitializationRequest) == {"task_id": 1, "state": 2}
-    assert numbers(pb.FinishShareStateRequest) == {"task_id": 1, "state": 2}
+    assert numbers(pb.FinishOptimizationRequest) == {"task_id": 1, "state_digest": 2}
+    assert numbers(pb.FinishInitializationRequest) == {"task_id": 1, "state": 2, "state_digest": 3}
+    assert numbers(pb.FinishShareStateRequest) == {"task_id": 1, "state": 2, "state_digest": 3}
     assert dict(pb.EventType.items()) == {
         "EVENT_TYPE_UNSPECIFIED": 0,
         "EVENT_TYPE_HELLO": 1,
@@ -158,7 +160,14 @@ def _pre_extension_messages() -> dict[str, type]:
     timestamp_pb2.DESCRIPTOR.CopyToProto(timestamp)
     pool.Add(timestamp)
     pool.AddSerializedFile(pre_extension_descriptor())
-    names = ("Evaluation", "FinishEvaluationRequest")
+    names = (
+        "Evaluation",
+        "FinishEvaluationRequest",
+        "FinishOptimizationRequest",
+        "FinishShareStateRequest",
+        "EvaluateEvent",
+        "OptimizeEvent",
+    )
     return {
         n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"evochi.v1.{n}"))
         for n in names
@@ -207,3 +216,33 @@ def test_new_code_reads_old_results_as_reporting_no_metrics() -> None:
     parsed = pb.FinishEvaluationRequest.FromString(request.SerializeToString())
     assert list(parsed.evaluations[0].rewards) == [1.0, 2.0]
     assert len(parsed.evaluations[0].metrics) == 0
+
+
+def test_old_generated_code_skips_the_digests_and_the_repair_state() -> None:
+    """The published client and the Go server read every published field of a message that
+    carries the drift extension, and old peers' messages read as carrying none of it."""
+    from evochi.v1 import evochi_pb2 as pb
+
+    old = _pre_extension_messages()
+    cases = [
+        (pb.FinishOptimizationRequest(task_id="t", state_digest=b"d" * 32), {"task_id": "t"}),
+        (
+            pb.FinishShareStateRequest(task_id="t", state=b"s", state_digest=b"d" * 32),
+            {"task_id": "t", "state": b"s"},
+        ),
+        (
+            pb.EvaluateEvent(task_id="t", epoch=3, slices=[pb.Slice(start=0, end=2)], state=b"s"),
+            {"task_id": "t", "epoch": 3},
+        ),
+        (pb.OptimizeEvent(task_id="t", epoch=3, rewards=[1.0], state=b"s"), {"epoch": 3}),
+    ]
+    for new, published in cases:
+        name = type(new).DESCRIPTOR.name
+        parsed = old[name].FromString(new.SerializeToString())
+        for field, value in published.items():
+            assert getattr(parsed, field) == value, (name, field)
+        back = type(new).FromString(old[name](**published).SerializeToString())
+        if name.endswith("Event"):
+            assert not back.HasField("state")
+        else:
+            assert back.state_digest == b""

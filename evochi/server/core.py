@@ -132,6 +132,8 @@ class Evaluate:
     task_id: str
     epoch: int
     slices: tuple[tuple[int, int], ...]
+    # The training's state, for a worker whose state digest differed from it (extension).
+    state: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -140,6 +142,8 @@ class Optimize:
     epoch: int
     # Shared, read-only: the same array object goes to every worker of an epoch.
     rewards: np.ndarray
+    # As Evaluate.state.
+    state: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -267,6 +271,17 @@ class Reissued:
 
 
 @dataclass(slots=True, frozen=True)
+class StateDrift:
+    """A worker's state digest after an update differs from the shared state's: its next
+    task carries the shared state, which it adopts before working on it."""
+
+    worker_id: str
+    epoch: int  # the epoch whose start state the digests describe
+    digest: bytes
+    expected: bytes
+
+
+@dataclass(slots=True, frozen=True)
 class LateEvaluation:
     """A removed worker's late evaluation result: ``members`` were recorded from it."""
 
@@ -286,6 +301,7 @@ Command = (
     | TaskFinished
     | Reissued
     | LateEvaluation
+    | StateDrift
 )
 
 
@@ -337,6 +353,11 @@ class WorkerInfo:
     next_seq: int = 1
     heartbeat_deadline: float = math.inf
     task: Task | None = None
+    # Digest of the worker's state at the start of epoch ``digest_epoch`` (extension; empty
+    # for workers that send none), and whether its next task must carry the shared state.
+    digest: bytes = b""
+    digest_epoch: int = 0
+    needs_state: bool = False
 
 
 @dataclass(slots=True)
@@ -452,6 +473,9 @@ class Training:
         self._waited_optimizes = 0
         self._share_task: Task | None = None
         self._init_task: Task | None = None
+        # Digest of the shared state, the start of epoch _state_digest_epoch (extension).
+        self._state_digest = b""
+        self._state_digest_epoch = 0
         self._history: dict[int, np.ndarray] = {}
         self._frozen: np.ndarray | None = None
         self._rates: list[float] = []  # seconds per member of finished evaluate tasks
@@ -608,7 +632,7 @@ class Training:
         return out
 
     def finish_initialization(
-        self, worker_id: str, task_id: str, state: bytes, now: float
+        self, worker_id: str, task_id: str, state: bytes, now: float, digest: bytes = b""
     ) -> list[Command]:
         if worker_id in self._retired_ids:
             return self._late_result(worker_id)
@@ -625,6 +649,7 @@ class Training:
         self.epoch_started_at = now
         self._reset_epoch_arrays()
         w.state_epoch = 1
+        self._state_digest, self._state_digest_epoch = bytes(digest), 1
         out.append(StateChanged(self.epoch, self.state))
         self._schedule(now, out)
         return out
@@ -660,7 +685,12 @@ class Training:
         self._schedule(now, out)
         return out
 
-    def finish_optimization(self, worker_id: str, task_id: str, now: float) -> list[Command]:
+    def finish_optimization(
+        self, worker_id: str, task_id: str, now: float, digest: bytes = b""
+    ) -> list[Command]:
+        """``digest``: the worker's state digest after the update (extension; empty: none).
+        Compared with the shared state's once that is known (here for a catch-up update,
+        else in :meth:`finish_share_state`)."""
         if worker_id in self._retired_ids:
             return self._late_result(worker_id)
         w = self._worker(worker_id)
@@ -669,12 +699,15 @@ class Training:
         if task.waited and task.epoch == self.epoch:
             self._waited_optimizes -= 1
         w.state_epoch = task.epoch + 1
+        w.digest, w.digest_epoch = bytes(digest), task.epoch + 1
+        if self._state_digest and self._state_digest_epoch == w.digest_epoch:
+            self._check_digest(w, out)
         self._complete(w, task, now, out)
         self._schedule(now, out)
         return out
 
     def finish_share_state(
-        self, worker_id: str, task_id: str, state: bytes, now: float
+        self, worker_id: str, task_id: str, state: bytes, now: float, digest: bytes = b""
     ) -> list[Command]:
         if worker_id in self._retired_ids:
             return self._late_result(worker_id)
@@ -706,6 +739,17 @@ class Training:
             member_metrics=member_metrics,
         )
         self.state = summary.state
+        # The shared state is the training's from now on: whoever computed other bits (another
+        # CPU, BLAS or GPU) gets it with its next task. The sharer's own digest stands in
+        # when it sent none with the state.
+        self._state_digest = bytes(digest) or (
+            w.digest if w.digest_epoch == finished_epoch + 1 else b""
+        )
+        self._state_digest_epoch = finished_epoch + 1
+        if self._state_digest:
+            for other in self.workers.values():
+                if other.digest_epoch == finished_epoch + 1:
+                    self._check_digest(other, out)
         max_epochs = self.config.max_epochs
         if max_epochs > 0 and finished_epoch >= max_epochs:
             # The epoch counter stays at the last epoch run; the snapshot records the state.
@@ -1129,7 +1173,7 @@ class Training:
             cover[s:e] += 1
         task = self._new_task(w, EVALUATE, now, self.epoch, slices=slices)
         self._open_evals[task.id] = task
-        out.append(Send(w.id, Evaluate(task.id, self.epoch, slices)))
+        out.append(Send(w.id, Evaluate(task.id, self.epoch, slices, self._repair(w, self.epoch))))
         return task
 
     def _assign_optimize(
@@ -1144,7 +1188,20 @@ class Training:
         task = self._new_task(w, OPTIMIZE, now, epoch, waited=waited)
         if waited:
             self._waited_optimizes += 1
-        out.append(Send(w.id, Optimize(task.id, epoch, rewards)))
+        out.append(Send(w.id, Optimize(task.id, epoch, rewards, self._repair(w, epoch))))
+
+    def _check_digest(self, w: WorkerInfo, out: list[Command]) -> None:
+        if w.digest and w.digest != self._state_digest:
+            w.needs_state = True
+            out.append(StateDrift(w.id, w.digest_epoch, w.digest, self._state_digest))
+        w.digest_epoch = 0  # compared once
+
+    def _repair(self, w: WorkerInfo, epoch: int) -> bytes | None:
+        """The shared state, once, for a drifted worker's first task that starts from it."""
+        if not w.needs_state or epoch != self._state_digest_epoch or self.state is None:
+            return None
+        w.needs_state = False
+        return self.state
 
     def _straggler(self, now: float) -> Task | None:
         """The oldest open evaluate task that is late enough to be re-issued."""
@@ -1292,12 +1349,15 @@ class Training:
                 self.stage = Stage.SHARE
         if self.stage is Stage.SHARE and self._share_task is None:
             target = self.epoch + 1
-            for wid in self._idle:
-                w = self.workers[wid]
-                if w.state_epoch == target:
-                    self._share_task = self._new_task(w, SHARE_STATE, now, self.epoch)
-                    out.append(Send(w.id, ShareState(self._share_task.id, self.epoch)))
-                    break
+            ready = [self.workers[wid] for wid in self._idle]
+            ready = [w for w in ready if w.state_epoch == target]
+            # A sharer that sent a digest lets every other digest be checked against it; a
+            # peer without the extension shares only when nobody else can.
+            ready.sort(key=lambda w: not (w.digest and w.digest_epoch == target))
+            if ready:
+                w = ready[0]
+                self._share_task = self._new_task(w, SHARE_STATE, now, self.epoch)
+                out.append(Send(w.id, ShareState(self._share_task.id, self.epoch)))
 
     def _awaiting_last_joiners(self, now: float) -> bool:
         """In the last epoch, a joiner that has not heartbeated yet would end the training

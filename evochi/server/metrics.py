@@ -62,6 +62,15 @@ class ServerMetrics:
             "them (nobody else had recorded them yet).",
             registry=r,
         )
+        # One series per worker that ever drifted: a mixed fleet shows which machine
+        # computes other bits (normally none, as the update is CPU-independent).
+        self.state_repairs = Counter(
+            "evochi_state_repairs",
+            "Times a worker's state digest after an update differed from the shared state's, "
+            "so its next task carried the training's state, by worker id.",
+            ["worker"],
+            registry=r,
+        )
         self.rejected = Counter(
             "evochi_rejected_requests",
             "Requests answered with an error, by method and gRPC status code.",

@@ -308,14 +308,20 @@ class EvochiService:
     def _finish_optimization(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishOptimizationRequest, request)
-        self._execute(self.core.finish_optimization(worker_id, req.task_id, time.monotonic()))
+        self._execute(
+            self.core.finish_optimization(
+                worker_id, req.task_id, time.monotonic(), req.state_digest
+            )
+        )
         return _OK
 
     def _finish_initialization(self, request: bytes, bearer: str | None) -> bytes:
         worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishInitializationRequest, request)
         self._execute(
-            self.core.finish_initialization(worker_id, req.task_id, req.state, time.monotonic())
+            self.core.finish_initialization(
+                worker_id, req.task_id, req.state, time.monotonic(), req.state_digest
+            )
         )
         return _OK
 
@@ -323,7 +329,9 @@ class EvochiService:
         worker_id = self._authenticate(bearer)  # before looking at what a stranger sent
         req = self._decode(pb.FinishShareStateRequest, request)
         self._execute(
-            self.core.finish_share_state(worker_id, req.task_id, req.state, time.monotonic())
+            self.core.finish_share_state(
+                worker_id, req.task_id, req.state, time.monotonic(), req.state_digest
+            )
         )
         return _OK
 
@@ -352,14 +360,14 @@ class EvochiService:
     def _event_proto(self, event: core.Event) -> pb.SubscribeResponse | bytes:
         kind = type(event)
         if kind is core.Evaluate:
-            return pb.SubscribeResponse(
-                type=pb.EVENT_TYPE_EVALUATE,
-                evaluate=pb.EvaluateEvent(
-                    task_id=event.task_id,
-                    epoch=event.epoch,
-                    slices=[pb.Slice(start=s, end=e) for s, e in event.slices],
-                ),
+            evaluate = pb.EvaluateEvent(
+                task_id=event.task_id,
+                epoch=event.epoch,
+                slices=[pb.Slice(start=s, end=e) for s, e in event.slices],
             )
+            if event.state is not None:
+                evaluate.state = event.state
+            return pb.SubscribeResponse(type=pb.EVENT_TYPE_EVALUATE, evaluate=evaluate)
         if kind is core.Optimize:
             return self._optimize_message(event)
         if kind is core.Hello:
@@ -403,11 +411,14 @@ class EvochiService:
             self._rewards_cache = cache
         packed = cache[1]
         task_id = event.task_id.encode()
+        state = event.state
         optimize = b"".join(
             (
                 b"\x0a", _varint(len(task_id)), task_id,  # task_id = 1
                 b"\x10", _varint(event.epoch),  # epoch = 2
                 b"\x1a" if packed else b"", _varint(len(packed)) if packed else b"", packed,
+                # state = 4 (extension), only for a worker that drifted
+                b"" if state is None else b"\x22" + _varint(len(state)) + state,
             )
         )  # fmt: skip
         # type = 1 (EVENT_TYPE_OPTIMIZE), optimize = 4
@@ -478,6 +489,15 @@ class EvochiService:
                 log.info("recorded %d members of epoch %d from the late result of removed "
                          "worker %s", command.members, command.epoch,
                          command.worker_id)  # fmt: skip
+            elif kind is core.StateDrift:
+                metrics.state_repairs.labels(command.worker_id).inc()
+                log.warning(
+                    "worker %s computed other bits than the shared state for the start of "
+                    "epoch %d (digest %s, the training's %s: another CPU, BLAS or GPU "
+                    "rounding); its next task carries the training's state",
+                    command.worker_id, command.epoch, command.digest.hex()[:12],
+                    command.expected.hex()[:12],
+                )  # fmt: skip
             elif kind is core.TrainingFinished:
                 log.info("training finished after epoch %d", command.epoch)
                 self._notices.put_nowait(command)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65vochi/v1/evochi.proto\x12\tevochi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x05Slice\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"&\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\"b\n\nEvaluation\x12\x1f\n\x05slice\x18\x01 \x01(\x0b\x32\x10.evochi.v1.Slice\x12\x0f\n\x07rewards\x18\x02 \x03(\x02\x12\"\n\x07metrics\x18\x03 \x03(\x0b\x32\x11.evochi.v1.Metric\"\x8e\x01\n\nHelloEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\x05state\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x17\n\x0fpopulation_size\x18\x04 \x01(\x05\x12\x1a\n\x12heartbeat_interval\x18\x05 \x01(\x05\x12\x12\n\nmax_epochs\x18\x06 \x01(\x05\x42\x08\n\x06_state\"Q\n\rEvaluateEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12 \n\x06slices\x18\x03 \x03(\x0b\x32\x10.evochi.v1.Slice\"@\n\rOptimizeEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x0f\n\x07rewards\x18\x03 \x03(\x02\"\"\n\x0fInitializeEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0fShareStateEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\"\x1c\n\tStopEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"!\n\x10SubscribeRequest\x12\r\n\x05\x63ores\x18\x01 \x01(\x05\"\xcf\x02\n\x11SubscribeResponse\x12\"\n\x04type\x18\x01 \x01(\x0e\x32\x14.evochi.v1.EventType\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.evochi.v1.HelloEventH\x00\x12,\n\x08\x65valuate\x18\x03 \x01(\x0b\x32\x18.evochi.v1.EvaluateEventH\x00\x12,\n\x08optimize\x18\x04 \x01(\x0b\x32\x18.evochi.v1.OptimizeEventH\x00\x12\x30\n\ninitialize\x18\x05 \x01(\x0b\x32\x1a.evochi.v1.InitializeEventH\x00\x12\x31\n\x0bshare_state\x18\x06 \x01(\x0b\x32\x1a.evochi.v1.ShareStateEventH\x00\x12$\n\x04stop\x18\x07 \x01(\x0b\x32\x14.evochi.v1.StopEventH\x00\x42\x07\n\x05\x65vent\"Q\n\x10HeartbeatRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x05\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"V\n\x17\x46inishEvaluationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x0b\x65valuations\x18\x02 \x03(\x0b\x32\x15.evochi.v1.Evaluation\"&\n\x18\x46inishEvaluationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\",\n\x19\x46inishOptimizationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"(\n\x1a\x46inishOptimizationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"=\n\x1b\x46inishInitializationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\"*\n\x1c\x46inishInitializationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"9\n\x17\x46inishShareStateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\"&\n\x18\x46inishShareStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08*\xc1\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_HELLO\x10\x01\x12\x17\n\x13\x45VENT_TYPE_EVALUATE\x10\x03\x12\x17\n\x13\x45VENT_TYPE_OPTIMIZE\x10\x04\x12\x19\n\x15\x45VENT_TYPE_INITIALIZE\x10\x05\x12\x1a\n\x16\x45VENT_TYPE_SHARE_STATE\x10\x06\x12\x13\n\x0f\x45VENT_TYPE_STOP\x10\x07\"\x04\x08\x02\x10\x02\x32\xa7\x04\n\rEvochiService\x12H\n\tSubscribe\x12\x1b.evochi.v1.SubscribeRequest\x1a\x1c.evochi.v1.SubscribeResponse0\x01\x12\x46\n\tHeartbeat\x12\x1b.evochi.v1.HeartbeatRequest\x1a\x1c.evochi.v1.HeartbeatResponse\x12[\n\x10\x46inishEvaluation\x12\".evochi.v1.FinishEvaluationRequest\x1a#.evochi.v1.FinishEvaluationResponse\x12\x61\n\x12\x46inishOptimization\x12$.evochi.v1.FinishOptimizationRequest\x1a%.evochi.v1.FinishOptimizationResponse\x12g\n\x14\x46inishInitialization\x12&.evochi.v1.FinishInitializationRequest\x1a\'.evochi.v1.FinishInitializationResponse\x12[\n\x10\x46inishShareState\x12\".evochi.v1.FinishShareStateRequest\x1a#.evochi.v1.FinishShareStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65vochi/v1/evochi.proto\x12\tevochi.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"#\n\x05Slice\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"&\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\"b\n\nEvaluation\x12\x1f\n\x05slice\x18\x01 \x01(\x0b\x32\x10.evochi.v1.Slice\x12\x0f\n\x07rewards\x18\x02 \x03(\x02\x12\"\n\x07metrics\x18\x03 \x03(\x0b\x32\x11.evochi.v1.Metric\"\x8e\x01\n\nHelloEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\x05state\x18\x03 \x01(\x0cH\x00\x88\x01\x01\x12\x17\n\x0fpopulation_size\x18\x04 \x01(\x05\x12\x1a\n\x12heartbeat_interval\x18\x05 \x01(\x05\x12\x12\n\nmax_epochs\x18\x06 \x01(\x05\x42\x08\n\x06_state\"o\n\rEvaluateEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12 \n\x06slices\x18\x03 \x03(\x0b\x32\x10.evochi.v1.Slice\x12\x12\n\x05state\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x08\n\x06_state\"^\n\rOptimizeEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x0f\n\x07rewards\x18\x03 \x03(\x02\x12\x12\n\x05state\x18\x04 \x01(\x0cH\x00\x88\x01\x01\x42\x08\n\x06_state\"\"\n\x0fInitializeEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0fShareStateEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\"\x1c\n\tStopEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"!\n\x10SubscribeRequest\x12\r\n\x05\x63ores\x18\x01 \x01(\x05\"\xcf\x02\n\x11SubscribeResponse\x12\"\n\x04type\x18\x01 \x01(\x0e\x32\x14.evochi.v1.EventType\x12&\n\x05hello\x18\x02 \x01(\x0b\x32\x15.evochi.v1.HelloEventH\x00\x12,\n\x08\x65valuate\x18\x03 \x01(\x0b\x32\x18.evochi.v1.EvaluateEventH\x00\x12,\n\x08optimize\x18\x04 \x01(\x0b\x32\x18.evochi.v1.OptimizeEventH\x00\x12\x30\n\ninitialize\x18\x05 \x01(\x0b\x32\x1a.evochi.v1.InitializeEventH\x00\x12\x31\n\x0bshare_state\x18\x06 \x01(\x0b\x32\x1a.evochi.v1.ShareStateEventH\x00\x12$\n\x04stop\x18\x07 \x01(\x0b\x32\x14.evochi.v1.StopEventH\x00\x42\x07\n\x05\x65vent\"Q\n\x10HeartbeatRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x05\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1f\n\x11HeartbeatResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"V\n\x17\x46inishEvaluationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12*\n\x0b\x65valuations\x18\x02 \x03(\x0b\x32\x15.evochi.v1.Evaluation\"&\n\x18\x46inishEvaluationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"B\n\x19\x46inishOptimizationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0cstate_digest\x18\x02 \x01(\x0c\"(\n\x1a\x46inishOptimizationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"S\n\x1b\x46inishInitializationRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\x12\x14\n\x0cstate_digest\x18\x03 \x01(\x0c\"*\n\x1c\x46inishInitializationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"O\n\x17\x46inishShareStateRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\x12\x14\n\x0cstate_digest\x18\x03 \x01(\x0c\"&\n\x18\x46inishShareStateResponse\x12\n\n\x02ok\x18\x01 \x01(\x08*\xc1\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_HELLO\x10\x01\x12\x17\n\x13\x45VENT_TYPE_EVALUATE\x10\x03\x12\x17\n\x13\x45VENT_TYPE_OPTIMIZE\x10\x04\x12\x19\n\x15\x45VENT_TYPE_INITIALIZE\x10\x05\x12\x1a\n\x16\x45VENT_TYPE_SHARE_STATE\x10\x06\x12\x13\n\x0f\x45VENT_TYPE_STOP\x10\x07\"\x04\x08\x02\x10\x02\x32\xa7\x04\n\rEvochiService\x12H\n\tSubscribe\x12\x1b.evochi.v1.SubscribeRequest\x1a\x1c.evochi.v1.SubscribeResponse0\x01\x12\x46\n\tHeartbeat\x12\x1b.evochi.v1.HeartbeatRequest\x1a\x1c.evochi.v1.HeartbeatResponse\x12[\n\x10\x46inishEvaluation\x12\".evochi.v1.FinishEvaluationRequest\x1a#.evochi.v1.FinishEvaluationResponse\x12\x61\n\x12\x46inishOptimization\x12$.evochi.v1.FinishOptimizationRequest\x1a%.evochi.v1.FinishOptimizationResponse\x12g\n\x14\x46inishInitialization\x12&.evochi.v1.FinishInitializationRequest\x1a\'.evochi.v1.FinishInitializationResponse\x12[\n\x10\x46inishShareState\x12\".evochi.v1.FinishShareStateRequest\x1a#.evochi.v1.FinishShareStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'evochi.v1.evochi_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=1570
-  _globals['_EVENTTYPE']._serialized_end=1763
+  _globals['_EVENTTYPE']._serialized_start=1696
+  _globals['_EVENTTYPE']._serialized_end=1889
   _globals['_SLICE']._serialized_start=70
   _globals['_SLICE']._serialized_end=105
   _globals['_METRIC']._serialized_start=107
@@ -43,39 +43,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOEVENT']._serialized_start=248
   _globals['_HELLOEVENT']._serialized_end=390
   _globals['_EVALUATEEVENT']._serialized_start=392
-  _globals['_EVALUATEEVENT']._serialized_end=473
-  _globals['_OPTIMIZEEVENT']._serialized_start=475
-  _globals['_OPTIMIZEEVENT']._serialized_end=539
-  _globals['_INITIALIZEEVENT']._serialized_start=541
-  _globals['_INITIALIZEEVENT']._serialized_end=575
-  _globals['_SHARESTATEEVENT']._serialized_start=577
-  _globals['_SHARESTATEEVENT']._serialized_end=626
-  _globals['_STOPEVENT']._serialized_start=628
-  _globals['_STOPEVENT']._serialized_end=656
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=658
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=691
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=694
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1029
-  _globals['_HEARTBEATREQUEST']._serialized_start=1031
-  _globals['_HEARTBEATREQUEST']._serialized_end=1112
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1114
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1145
-  _globals['_FINISHEVALUATIONREQUEST']._serialized_start=1147
-  _globals['_FINISHEVALUATIONREQUEST']._serialized_end=1233
-  _globals['_FINISHEVALUATIONRESPONSE']._serialized_start=1235
-  _globals['_FINISHEVALUATIONRESPONSE']._serialized_end=1273
-  _globals['_FINISHOPTIMIZATIONREQUEST']._serialized_start=1275
-  _globals['_FINISHOPTIMIZATIONREQUEST']._serialized_end=1319
-  _globals['_FINISHOPTIMIZATIONRESPONSE']._serialized_start=1321
-  _globals['_FINISHOPTIMIZATIONRESPONSE']._serialized_end=1361
-  _globals['_FINISHINITIALIZATIONREQUEST']._serialized_start=1363
-  _globals['_FINISHINITIALIZATIONREQUEST']._serialized_end=1424
-  _globals['_FINISHINITIALIZATIONRESPONSE']._serialized_start=1426
-  _globals['_FINISHINITIALIZATIONRESPONSE']._serialized_end=1468
-  _globals['_FINISHSHARESTATEREQUEST']._serialized_start=1470
-  _globals['_FINISHSHARESTATEREQUEST']._serialized_end=1527
-  _globals['_FINISHSHARESTATERESPONSE']._serialized_start=1529
-  _globals['_FINISHSHARESTATERESPONSE']._serialized_end=1567
-  _globals['_EVOCHISERVICE']._serialized_start=1766
-  _globals['_EVOCHISERVICE']._serialized_end=2317
+  _globals['_EVALUATEEVENT']._serialized_end=503
+  _globals['_OPTIMIZEEVENT']._serialized_start=505
+  _globals['_OPTIMIZEEVENT']._serialized_end=599
+  _globals['_INITIALIZEEVENT']._serialized_start=601
+  _globals['_INITIALIZEEVENT']._serialized_end=635
+  _globals['_SHARESTATEEVENT']._serialized_start=637
+  _globals['_SHARESTATEEVENT']._serialized_end=686
+  _globals['_STOPEVENT']._serialized_start=688
+  _globals['_STOPEVENT']._serialized_end=716
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=718
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=751
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=754
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1089
+  _globals['_HEARTBEATREQUEST']._serialized_start=1091
+  _globals['_HEARTBEATREQUEST']._serialized_end=1172
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1174
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1205
+  _globals['_FINISHEVALUATIONREQUEST']._serialized_start=1207
+  _globals['_FINISHEVALUATIONREQUEST']._serialized_end=1293
+  _globals['_FINISHEVALUATIONRESPONSE']._serialized_start=1295
+  _globals['_FINISHEVALUATIONRESPONSE']._serialized_end=1333
+  _globals['_FINISHOPTIMIZATIONREQUEST']._serialized_start=1335
+  _globals['_FINISHOPTIMIZATIONREQUEST']._serialized_end=1401
+  _globals['_FINISHOPTIMIZATIONRESPONSE']._serialized_start=1403
+  _globals['_FINISHOPTIMIZATIONRESPONSE']._serialized_end=1443
+  _globals['_FINISHINITIALIZATIONREQUEST']._serialized_start=1445
+  _globals['_FINISHINITIALIZATIONREQUEST']._serialized_end=1528
+  _globals['_FINISHINITIALIZATIONRESPONSE']._serialized_start=1530
+  _globals['_FINISHINITIALIZATIONRESPONSE']._serialized_end=1572
+  _globals['_FINISHSHARESTATEREQUEST']._serialized_start=1574
+  _globals['_FINISHSHARESTATEREQUEST']._serialized_end=1653
+  _globals['_FINISHSHARESTATERESPONSE']._serialized_start=1655
+  _globals['_FINISHSHARESTATERESPONSE']._serialized_end=1693
+  _globals['_EVOCHISERVICE']._serialized_start=1892
+  _globals['_EVOCHISERVICE']._serialized_end=2443
 # @@protoc_insertion_point(module_scope)

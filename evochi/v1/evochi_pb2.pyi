@@ -70,24 +70,28 @@ class HelloEvent(_message.Message):
     def __init__(self, id: _Optional[str] = ..., token: _Optional[str] = ..., state: _Optional[bytes] = ..., population_size: _Optional[int] = ..., heartbeat_interval: _Optional[int] = ..., max_epochs: _Optional[int] = ...) -> None: ...
 
 class EvaluateEvent(_message.Message):
-    __slots__ = ("task_id", "epoch", "slices")
+    __slots__ = ("task_id", "epoch", "slices", "state")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     epoch: int
     slices: _containers.RepeatedCompositeFieldContainer[Slice]
-    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+    state: bytes
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class OptimizeEvent(_message.Message):
-    __slots__ = ("task_id", "epoch", "rewards")
+    __slots__ = ("task_id", "epoch", "rewards", "state")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     epoch: int
     rewards: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rewards: _Optional[_Iterable[float]] = ...) -> None: ...
+    state: bytes
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., rewards: _Optional[_Iterable[float]] = ..., state: _Optional[bytes] = ...) -> None: ...
 
 class InitializeEvent(_message.Message):
     __slots__ = ("task_id",)
@@ -162,10 +166,12 @@ class FinishEvaluationResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ...) -> None: ...
 
 class FinishOptimizationRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "state_digest")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    state_digest: bytes
+    def __init__(self, task_id: _Optional[str] = ..., state_digest: _Optional[bytes] = ...) -> None: ...
 
 class FinishOptimizationResponse(_message.Message):
     __slots__ = ("ok",)
@@ -174,12 +180,14 @@ class FinishOptimizationResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ...) -> None: ...
 
 class FinishInitializationRequest(_message.Message):
-    __slots__ = ("task_id", "state")
+    __slots__ = ("task_id", "state", "state_digest")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: bytes
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+    state_digest: bytes
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[bytes] = ..., state_digest: _Optional[bytes] = ...) -> None: ...
 
 class FinishInitializationResponse(_message.Message):
     __slots__ = ("ok",)
@@ -188,12 +196,14 @@ class FinishInitializationResponse(_message.Message):
     def __init__(self, ok: _Optional[bool] = ...) -> None: ...
 
 class FinishShareStateRequest(_message.Message):
-    __slots__ = ("task_id", "state")
+    __slots__ = ("task_id", "state", "state_digest")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: bytes
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[bytes] = ...) -> None: ...
+    state_digest: bytes
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[bytes] = ..., state_digest: _Optional[bytes] = ...) -> None: ...
 
 class FinishShareStateResponse(_message.Message):
     __slots__ = ("ok",)

@@ -338,7 +338,18 @@ class Worker(abc.ABC, Generic[S]):
         """
 
     def on_state_change(self, state: S) -> None:
-        """Called whenever `self.state` is replaced (hello, initialize, optimize)."""
+        """Called whenever `self.state` is replaced (hello, initialize, optimize, and the
+        training's state adopted after a drift)."""
+
+    def state_digest(self, state: S) -> bytes | None:
+        """A digest of what decides this worker's next evaluations (e.g. a hash of the
+        center), or None (the default) to send none.
+
+        Sent with each update's result; when it differs from the digest of the state the
+        training shares (another CPU, BLAS or GPU rounded differently), the server sends
+        the shared state with this worker's next task, and the worker adopts it before
+        working on it. Servers without the extension ignore it."""
+        return None
 
     def on_hello(self) -> None:
         """Called once joined, before the hello state is decoded: `id`, `population_size`
@@ -545,6 +556,8 @@ class Worker(abc.ABC, Generic[S]):
         if kind == pb.EVENT_TYPE_EVALUATE:
             ev = event.evaluate
             self._epoch = ev.epoch
+            if ev.HasField("state"):
+                await self._adopt(ev.state, ev.epoch)
             slices = [slice(s.start, s.end) for s in ev.slices]
             evals = await self._call_kept(
                 kind, ev.task_id, ev.epoch, slices, self.evaluate, ev.epoch, slices
@@ -557,6 +570,8 @@ class Worker(abc.ABC, Generic[S]):
         elif kind == pb.EVENT_TYPE_OPTIMIZE:
             ev = event.optimize
             self._epoch = ev.epoch
+            if ev.HasField("state"):
+                await self._adopt(ev.state, ev.epoch)
             # numpy turns the repeated field into floats faster than list() (same values).
             rewards = np.asarray(ev.rewards).tolist()
             state = await self._call_kept(
@@ -564,23 +579,27 @@ class Worker(abc.ABC, Generic[S]):
             )
             self._in_flight = None
             await self._optimized(ev.epoch, state)
-            await self._finish(
-                self._rpc.FinishOptimization, pb.FinishOptimizationRequest(task_id=ev.task_id)
+            request = pb.FinishOptimizationRequest(
+                task_id=ev.task_id, state_digest=await self._digest(state)
             )
+            await self._finish(self._rpc.FinishOptimization, request)
         elif kind == pb.EVENT_TYPE_SHARE_STATE:
-            blob = await self._encode(self.state)
-            await self._finish(
-                self._rpc.FinishShareState,
-                pb.FinishShareStateRequest(task_id=event.share_state.task_id, state=blob),
+            state = self.state
+            request = pb.FinishShareStateRequest(
+                task_id=event.share_state.task_id,
+                state=await self._encode(state),
+                state_digest=await self._digest(state),
             )
+            await self._finish(self._rpc.FinishShareState, request)
         elif kind == pb.EVENT_TYPE_INITIALIZE:
             state = await self._call_hook(self.initialize)
             await self._set_state(state)
-            blob = await self._encode(state)
-            await self._finish(
-                self._rpc.FinishInitialization,
-                pb.FinishInitializationRequest(task_id=event.initialize.task_id, state=blob),
+            request = pb.FinishInitializationRequest(
+                task_id=event.initialize.task_id,
+                state=await self._encode(state),
+                state_digest=await self._digest(state),
             )
+            await self._finish(self._rpc.FinishInitialization, request)
         elif kind == pb.EVENT_TYPE_STOP:
             log.info("the server stopped the training")
             await self._call_hook(self.on_stop, call.cancel)
@@ -679,6 +698,23 @@ class Worker(abc.ABC, Generic[S]):
         if hello.HasField("state"):
             state = await asyncio.to_thread(self._codec.decode, hello.state)
             await self._set_state(state)
+
+    async def _digest(self, state: S) -> bytes:
+        if type(self).state_digest is Worker.state_digest:
+            return b""
+        digest = await asyncio.to_thread(self.state_digest, state)
+        return bytes(digest or b"")
+
+    async def _adopt(self, blob: bytes, epoch: int) -> None:
+        """Replaces this worker's state by the training's, which the server sent because
+        this worker's digest after the last update differed from it."""
+        state = await asyncio.to_thread(self._codec.decode, blob)
+        log.warning(
+            "this worker's state differed from the training's at the start of epoch %d "
+            "(its CPU, BLAS or GPU rounded differently); adopting the training's state",
+            epoch,
+        )
+        await self._set_state(state)
 
     async def _set_state(self, state: S) -> None:
         self._state = state

@@ -29,6 +29,15 @@ class SimWorker:
     # Reads its hello and sends heartbeat 1 at once, as real clients do; False: a peer that
     # subscribes and never reads its stream (never learns its token, never heartbeats).
     reads: bool = True
+    # Its updates round differently (another CPU): its state after an update differs from
+    # the other workers'. It reports its state as its digest unless `digests` is False (a
+    # peer without the extension).
+    drifts: bool = False
+    digests: bool = True
+    repairs: int = 0  # shared states adopted from an evaluate / optimize event
+
+    def digest(self) -> bytes:
+        return (self.state or b"") if self.digests else b""
 
 
 class Sim:
@@ -46,6 +55,9 @@ class Sim:
         self.submissions = 0
         self.finished = False
         self.left: list[core.WorkerLeft] = []
+        # The start state of each epoch as the core shares it (StateChanged).
+        self.starts: dict[int, bytes] = {}
+        self.history: list[core.Command] = []  # every command the core gave (with track)
         self.track = True  # record every accepted value (check_vectors needs it)
         self.check = True  # check the core's invariants after every call
 
@@ -53,6 +65,8 @@ class Sim:
 
     def apply(self, commands: list[core.Command]) -> list[core.Command]:
         greeted: list[SimWorker] = []
+        if self.track:
+            self.history.extend(commands)
         for c in commands:
             if isinstance(c, core.Send):
                 w = self.workers.get(c.worker_id)
@@ -67,6 +81,8 @@ class Sim:
                 self.epochs.append(c.summary)
             elif isinstance(c, core.TrainingFinished):
                 self.finished = True
+            elif isinstance(c, core.StateChanged):
+                self.starts[c.epoch] = c.state
             elif isinstance(c, core.WorkerLeft):
                 self.left.append(c)
         if self.check:
@@ -103,6 +119,9 @@ class Sim:
 
     # ------------------------------------------------------------------ a correct worker
 
+    def start(self, epoch: int) -> bytes:
+        return self.starts.get(epoch, state_of(epoch))
+
     def value(self, epoch: int, member: int) -> float:
         # Exact in float32; differs per submission so that a double count would show.
         return float(epoch * 100_000 + member * 10 + self.submissions % 7)
@@ -120,10 +139,13 @@ class Sim:
         elif isinstance(event, core.Initialize):
             assert w.state is None
             w.state = state_of(1)
-            self.apply(t.finish_initialization(w.id, event.task_id, w.state, now))
+            self.apply(t.finish_initialization(w.id, event.task_id, w.state, now, w.digest()))
         elif isinstance(event, core.Evaluate):
-            # A worker evaluates only with the start state of that epoch.
-            assert w.state == state_of(event.epoch), (w.state, event)
+            if event.state is not None:
+                w.state, w.repairs = event.state, w.repairs + 1
+            # A worker evaluates only with the start state of that epoch (nothing can hold a
+            # peer without digests to it once another worker drifted: it is not checked).
+            assert w.state == self.start(event.epoch) or not w.digests, (w.state, event)
             self.submissions += 1
             evaluations = []
             for s, e in event.slices:
@@ -140,17 +162,19 @@ class Sim:
                     for m, v in zip(range(s, e), values, strict=True):
                         first.setdefault(m, v)
         elif isinstance(event, core.Optimize):
+            if event.state is not None:
+                w.state, w.repairs = event.state, w.repairs + 1
             # Optimize steps arrive in order from the worker's own state: never skips one.
-            assert w.state == state_of(event.epoch), (w.state, event.epoch)
+            assert w.state == self.start(event.epoch) or not w.digests, (w.state, event.epoch)
             if self.track:
                 vector = np.array(event.rewards)
                 seen = self.optimize_vectors.setdefault(event.epoch, vector)
                 assert np.array_equal(seen, vector), "workers got different reward vectors"
-            w.state = state_of(event.epoch + 1)
-            self.apply(t.finish_optimization(w.id, event.task_id, now))
+            w.state = state_of(event.epoch + 1) + (b"~%s" % w.id.encode() if w.drifts else b"")
+            self.apply(t.finish_optimization(w.id, event.task_id, now, w.digest()))
         elif isinstance(event, core.ShareState):
-            assert w.state == state_of(event.epoch + 1)
-            self.apply(t.finish_share_state(w.id, event.task_id, w.state, now))
+            assert w.state.startswith(state_of(event.epoch + 1))
+            self.apply(t.finish_share_state(w.id, event.task_id, w.state, now, w.digest()))
         elif isinstance(event, core.Stop):
             pass
         return True
