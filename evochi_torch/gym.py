@@ -36,6 +36,7 @@ from torch import nn
 
 from .codec import TorchESState
 from .population import PopulationPolicy, load_flat
+from .portable import column_sums
 from .worker import TorchESWorker
 
 __all__ = [
@@ -100,8 +101,9 @@ class GymSettings:
 class ObsStats:
     """Running mean/variance of observations (float64), merged with Chan et al.'s formula.
 
-    Pure numpy on the CPU with a fixed order of operations, so the same inputs give the same
-    bits in every worker, whatever its device or thread count.
+    Exactly rounded column sums and separate IEEE operations on the CPU
+    (:mod:`evochi_torch.portable`), so the same observations give the same bits in every
+    worker, whatever its CPU, device or thread count.
     """
 
     mean: np.ndarray
@@ -116,8 +118,10 @@ class ObsStats:
         n = float(len(batch))
         if n == 0:
             return self
-        b_mean = batch.mean(axis=0)
-        b_var = batch.var(axis=0)
+        batch = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)
+        b_mean = column_sums(batch) / n
+        dev = batch - b_mean
+        b_var = column_sums(dev * dev) / n
         total = self.count + n
         delta = b_mean - self.mean
         mean = self.mean + delta * (n / total)
@@ -475,8 +479,11 @@ class GymWorker(TorchESWorker):
         """`state` with its observation statistics updated from center-policy episodes.
 
         Every worker runs the same episodes (the new center, seeds from the state's epoch, on
-        the CPU whatever its device) and so computes bit-identical statistics: nothing but
-        the rewards crosses the wire, yet all workers normalise alike.
+        the CPU whatever its device), so workers of one kind of machine compute bit-identical
+        statistics: nothing but the rewards crosses the wire, yet all workers normalise alike.
+        The episodes themselves follow the CPU (the physics and the policy's matrix products
+        round per SIMD path); a worker whose statistics come out different is caught by the
+        state digest and handed the training's state before it evaluates again.
         """
         s = self.env_settings
         stats = ObsStats.from_tensors(state.extra_tensors)

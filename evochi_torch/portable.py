@@ -13,8 +13,8 @@ path chosen by the CPU:
 * libm's ``pow`` and ``exp`` pick FMA variants at load time; summation order follows SIMD width.
 
 So the update uses only the functions below: compositions of correctly rounded basic
-operations in a fixed order (NumPy ufuncs apply one operation per call and never fuse), or
-exactly rounded sums (``math.fsum``). Transcendental functions are evaluated by range
+operations in a fixed order (NumPy ufuncs apply one operation per call and never fuse), and
+``math.fsum`` (exactly rounded). Transcendental functions are evaluated by range
 reduction and a polynomial, accurate to a few float64 ulp, which is far below the float32
 rounding of the state they feed.
 """
@@ -22,12 +22,11 @@ rounding of the state they feed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-__all__ = ["exp", "log", "norm", "powi", "sqrt32", "sum_exact", "sums_by_column"]
+__all__ = ["column_sums", "exp", "log", "norm", "powi", "sqrt32"]
 
 # ln 2 split so that k * _LN2_HI is exact for |k| < 2**11 (Cody and Waite).
 _LN2_HI = 6.93147180369123816490e-01
@@ -110,29 +109,42 @@ def sqrt32(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.sqrt(a))
 
 
-def sum_exact(values: np.ndarray | Iterable[float]) -> float:
-    """The exactly rounded sum (``math.fsum``): independent of order and SIMD width."""
-    if isinstance(values, np.ndarray):
-        values = values.reshape(-1).tolist()
-    return math.fsum(values)
+def column_sums(a: np.ndarray) -> np.ndarray:
+    """Sum of each column of a 2-D array (float64 ``[n, d]`` -> ``[d]``) in a fixed order.
 
-
-def sums_by_column(a: np.ndarray) -> np.ndarray:
-    """Exactly rounded sum of each column of a 2-D array (float64 ``[n, d]`` -> ``[d]``)."""
+    Rows are added pairwise in a tree (row ``i`` of the top half plus row ``i`` of the
+    bottom half, repeated): each step is an elementwise IEEE addition, so SIMD width and
+    thread count cannot change the order, and the error grows like a pairwise sum's.
+    """
     a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2:
-        raise ValueError(f"sums_by_column takes a 2-D array, got shape {a.shape}")
-    cols = np.ascontiguousarray(a.T)
-    return np.array([math.fsum(col.tolist()) for col in cols], dtype=np.float64)
+        raise ValueError(f"column_sums takes a 2-D array, got shape {a.shape}")
+    if a.shape[0] == 0:
+        return np.zeros(a.shape[1], dtype=np.float64)
+    while a.shape[0] > 1:
+        half = a.shape[0] // 2
+        folded = np.add(a[:half], a[half : 2 * half])
+        if a.shape[0] % 2:
+            folded[0] = np.add(folded[0], a[-1])
+        a = folded
+    return a[0].copy()
+
+
+_NORM_WIDTH = 1024
 
 
 def norm(x: torch.Tensor | np.ndarray) -> float:
-    """Euclidean norm, exactly rounded before the square root: the same bits on every CPU.
+    """Euclidean norm in float64, the same bits on every CPU.
 
-    Each square is one correctly rounded product (exact for float32 inputs) and ``math.fsum``
-    adds them exactly, so neither SIMD width nor summation order can move a bit.
+    Squares (correctly rounded products, exact for float32 inputs) are folded into 1024
+    partial sums by :func:`column_sums`, which ``math.fsum`` adds exactly.
     """
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     a = np.asarray(x, dtype=np.float64).reshape(-1)
-    return math.sqrt(math.fsum(np.multiply(a, a).tolist()))
+    squares = np.multiply(a, a)
+    pad = -squares.size % _NORM_WIDTH
+    if pad:
+        squares = np.concatenate([squares, np.zeros(pad)])
+    partial = column_sums(squares.reshape(-1, _NORM_WIDTH))
+    return math.sqrt(math.fsum(partial.tolist()))
