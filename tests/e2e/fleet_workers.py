@@ -1,0 +1,55 @@
+"""Workers that log the state they evaluate around (importable by spawned worker processes).
+
+Each appends ``<state epoch> <center digest>`` to the file named by $EVOCHI_CENTER_LOG
+every time it evaluates, so a test can check that every worker of a training perturbed the
+same center in every epoch, whatever its CPU switches.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from toy_workers import ToyRegression
+
+from evochi_torch import ESConfig
+from evochi_torch.codec import state_digest
+from evochi_torch.gym import GymSettings, GymWorker
+
+
+class _LogsCenter:
+    def on_hello(self) -> None:
+        super().on_hello()
+        path = os.environ.get("EVOCHI_CENTER_LOG")
+        if path:
+            Path(path).with_suffix(".joined").touch()
+
+    def evaluate(self, epoch, slices):
+        path = os.environ.get("EVOCHI_CENTER_LOG")
+        if path:
+            _wait_for_fleet(Path(path).parent)
+            with open(path, "a") as fh:
+                fh.write(f"{self.state.epoch} {state_digest(self.state).hex()}\n")
+        return super().evaluate(epoch, slices)
+
+
+def _wait_for_fleet(folder: Path, timeout: float = 60.0) -> None:
+    """Holds the first evaluations until $EVOCHI_FLEET_SIZE workers have joined, so that a
+    fast training is still shared by the whole fleet."""
+    size = int(os.environ.get("EVOCHI_FLEET_SIZE", "1"))
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("*.joined"))) < size and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class ToyLogsCenter(_LogsCenter, ToyRegression):
+    pass
+
+
+class HopperLogsCenter(_LogsCenter, GymWorker):
+    """Hopper with a small MLP and the observation statistics on: every worker runs the
+    center episodes itself, through its own physics and matrix products."""
+
+    settings = GymSettings("Hopper-v5", hidden=(8,), episode_steps=80, eval_episodes=1)
+    default_config = ESConfig(population_size=12, sigma=0.05, learning_rate=0.05, seed=1)
