@@ -33,7 +33,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from evochi.v1.errors import ServerGoneError
+
 log = logging.getLogger("evochi_torch.launch")
+
+#: Exit status of a worker process that gave up on a server gone for too long (not restarted).
+SERVER_GONE_EXIT = 3
 
 T = TypeVar("T")
 # Signals that end a launcher as Ctrl-C does (systemd, SLURM, Kubernetes and `kill` send
@@ -197,6 +202,9 @@ def _child_main(
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
+    except ServerGoneError:
+        # The worker logged why at ERROR; a traceback would only bury that line.
+        code = SERVER_GONE_EXIT
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -335,7 +343,9 @@ class WorkerProcesses:
             if proc is None or proc.is_alive() or proc.exitcode is None:
                 continue
             ended.append(WorkerExit(i, self.devices[i], proc.exitcode))
-            self._procs[i] = self._spawn(i) if self.restart and proc.exitcode != 0 else None
+            # A worker that gave up on a vanished server would only wait for it again.
+            again = self.restart and proc.exitcode not in (0, SERVER_GONE_EXIT)
+            self._procs[i] = self._spawn(i) if again else None
         self.exits += ended
         return ended
 
@@ -346,7 +356,8 @@ class WorkerProcesses:
                 if ended.exitcode == 0:
                     log.info("%s", ended.describe())
                 else:
-                    log.error("%s%s", ended.describe(), "; restarting it" if self.restart else "")
+                    again = self.restart and ended.exitcode != SERVER_GONE_EXIT
+                    log.error("%s%s", ended.describe(), "; restarting it" if again else "")
             if not any(p is not None for p in self._procs):
                 return self.exits
             await asyncio.sleep(interval)

@@ -14,6 +14,7 @@ from evochi.v1.codec import PickleZstdCodec, StateCodec, restricted_loads
 from evochi.v1.errors import (
     EvochiError,
     ProtocolError,
+    ServerGoneError,
     ServerUnavailableError,
     StateDecodeError,
     StreamBrokenError,
@@ -28,6 +29,7 @@ __all__ = [
     "PickleZstdCodec",
     "ProtocolError",
     "ReconnectPolicy",
+    "ServerGoneError",
     "ServerUnavailableError",
     "StateCodec",
     "StateDecodeError",

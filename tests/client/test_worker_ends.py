@@ -222,4 +222,19 @@ def test_evochi_torch_worker_gives_up_after_its_flag(unused_port: int) -> None:
     assert time.monotonic() - started < 60
     assert "gave up on the evochi server" in done.stderr
     assert "give_up_after=1s), and it never joined a training" in done.stderr
-    assert done.stderr.rstrip().endswith("error: worker 0 on cpu exited with code 1")
+    assert done.stderr.rstrip().endswith("error: worker 0 on cpu exited with code 3")
+    assert "Traceback" not in done.stderr  # one line says it all
+
+
+def test_a_worker_that_gave_up_is_not_restarted(unused_port: int) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVOCHI_")}
+    command = [
+        sys.executable, "-m", "evochi_torch", "worker", "tests.e2e.toy_workers:ToyRegression",
+        "--server", f"127.0.0.1:{unused_port}", "--give-up-after", "1", "--restart",
+        "--log-level", "ERROR",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("exited with code 3") == 2, done.stderr  # log line + error line
+    assert done.stderr.count("gave up on the evochi server") == 1, done.stderr
+    assert "restarting it" not in done.stderr
