@@ -22,6 +22,7 @@ rounding of the state they feed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,19 +40,47 @@ _LOG_COEFS = tuple(2.0 / (2 * k + 1) for k in range(14, -1, -1))
 _SQRT_HALF = 0.70710678118654757
 
 
+# Elements per block of exp and log: a block's temporaries stay in the CPU's cache, which
+# makes the dozens of passes of the polynomial about twice as fast on a million elements.
+_BLOCK = 1 << 14
+
+
+def _blockwise(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray | float) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.size <= _BLOCK:
+        return fn(x)
+    flat = x.reshape(-1)
+    out = np.empty_like(flat)
+    for i in range(0, flat.size, _BLOCK):
+        out[i : i + _BLOCK] = fn(flat[i : i + _BLOCK])
+    return out.reshape(x.shape)
+
+
 def exp(x: np.ndarray | float) -> np.ndarray:
     """``e**x`` in float64 (a few ulp), the same bits on every CPU.
 
     Saturates like libm: ``0`` below -745, ``inf`` above 709.78; NaN stays NaN.
     """
-    x = np.asarray(x, dtype=np.float64)
+    return _blockwise(_exp, x)
+
+
+def log(x: np.ndarray | float) -> np.ndarray:
+    """Natural logarithm in float64 (a few ulp), the same bits on every CPU.
+
+    ``log(0) = -inf``; negative inputs give NaN; ``inf`` stays ``inf``.
+    """
+    return _blockwise(_log, x)
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
     xc = np.clip(np.where(np.isnan(x), 0.0, x), -746.0, 710.0)
     k = np.rint(np.multiply(xc, _INV_LN2))
     r = np.subtract(xc, np.multiply(k, _LN2_HI))
     r = np.subtract(r, np.multiply(k, _LN2_LO))
     p = np.full_like(r, _EXP_COEFS[0])
-    for c in _EXP_COEFS[1:]:
-        p = np.add(np.multiply(p, r), c)
+    for c in _EXP_COEFS[1:]:  # Horner, in place: one multiply and one add per step
+        np.multiply(p, r, out=p)
+        np.add(p, c, out=p)
     # Two ldexp steps keep 2**k representable when k is near the ends of the range.
     half = np.trunc(np.multiply(k, 0.5))
     with np.errstate(over="ignore"):
@@ -61,12 +90,7 @@ def exp(x: np.ndarray | float) -> np.ndarray:
     return np.where(np.isnan(x), x, out)
 
 
-def log(x: np.ndarray | float) -> np.ndarray:
-    """Natural logarithm in float64 (a few ulp), the same bits on every CPU.
-
-    ``log(0) = -inf``; negative inputs give NaN; ``inf`` stays ``inf``.
-    """
-    x = np.asarray(x, dtype=np.float64)
+def _log(x: np.ndarray) -> np.ndarray:
     finite_pos = np.isfinite(x) & (x > 0.0)
     safe = np.where(finite_pos, x, 1.0)
     m, e = np.frexp(safe)  # exact: safe = m * 2**e, m in [0.5, 1)
@@ -77,7 +101,8 @@ def log(x: np.ndarray | float) -> np.ndarray:
     s2 = np.multiply(s, s)
     p = np.full_like(s, _LOG_COEFS[0])
     for c in _LOG_COEFS[1:]:
-        p = np.add(np.multiply(p, s2), c)
+        np.multiply(p, s2, out=p)
+        np.add(p, c, out=p)
     log_m = np.multiply(p, s)
     out = np.add(np.multiply(e, _LN2_HI), np.add(log_m, np.multiply(e, _LN2_LO)))
     out = np.where(x == 0.0, -np.inf, out)
