@@ -58,7 +58,7 @@ def bench(strategy: str, p: int, npop: int, repeats: int) -> tuple[float, float]
     table = NoiseTable.for_config(config, p)
     state = s.init(config, params)
     rewards = np.random.default_rng(0).normal(size=npop)
-    s.update(params, state, rewards, 0, table, config)  # warm-up: page faults, caches
+    s.tell(config, params, state, rewards, 0, table)  # warm-up: page faults, caches
     times: dict[str, list[float]] = {"portable": [], "dispatched": []}
     for r in range(repeats):
         # Alternate which variant goes first: the second one of a pair finds warmer caches.
@@ -66,7 +66,7 @@ def bench(strategy: str, p: int, npop: int, repeats: int) -> tuple[float, float]
             ctx = dispatched_kernels() if kind == "dispatched" else contextlib.nullcontext()
             with ctx:
                 t0 = time.perf_counter()
-                s.update(params, state, rewards, 0, table, config)
+                s.tell(config, params, state, rewards, 0, table)
                 times[kind].append(time.perf_counter() - t0)
     return statistics.median(times["portable"]), statistics.median(times["dispatched"])
 

@@ -89,7 +89,7 @@ def evals_to_target(
     best = float(f(x.double())) / d
     for epoch in range(budget // npop):
         pop = ask(config, x, state, epoch, table)
-        x, state = s.update(x, state, -f(pop.double()).numpy(), epoch, table, config)
+        x, state = s.tell(config, x, state, -f(pop.double()).numpy(), epoch, table)
         value = float(f(x.double())) / d
         best = min(best, value)
         if not math.isfinite(value):
@@ -343,7 +343,7 @@ def update_cost(num_params: int, npop: int, repeats: int, strategies: list[str])
         for name in strategies:  # interleaved: load changes hit every strategy alike
             config, params, state = setups[name]
             t = time.perf_counter()
-            get_strategy(name).update(params, state, rewards, r, table, config)
+            get_strategy(name).tell(config, params, state, rewards, r, table)
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times["openai_es"])
     for name in strategies:

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from . import registry
+
 __all__ = ["ESConfig"]
 
 _OPTIMIZERS = ("adam", "sgd", "clipup")
@@ -117,9 +119,7 @@ class ESConfig:
             )
         # A plain dict: it is pickled into the training state's metadata (allow-listed).
         object.__setattr__(self, "strategy_options", dict(self.strategy_options))
-        from .strategies import get_strategy
-
-        strategy = get_strategy(self.strategy)  # ValueError naming the known strategies
+        strategy = registry.lookup(self.strategy)  # ValueError naming the known strategies
         strategy.check_config(self)
         lr = self.lr
         if lr * self.weight_decay >= 1.0:
@@ -145,18 +145,14 @@ class ESConfig:
         """The effective center learning rate."""
         if self.learning_rate is not None:
             return float(self.learning_rate)
-        from .strategies import get_strategy
-
-        return get_strategy(self.strategy).default_learning_rate
+        return registry.lookup(self.strategy).default_learning_rate
 
     @property
     def shaping(self) -> str:
         """The effective fitness shaping name."""
         if self.fitness_shaping is not None:
             return self.fitness_shaping
-        from .strategies import get_strategy
-
-        return get_strategy(self.strategy).default_shaping
+        return registry.lookup(self.strategy).default_shaping
 
     def __hash__(self) -> int:  # strategy_options is a dict: hash its sorted items
         values = tuple(

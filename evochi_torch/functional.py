@@ -7,13 +7,22 @@ be tested and reused alone, the way ``torch.nn.functional`` sits beside ``torch.
 * fitness shaping: :func:`shape_fitness` and :func:`centered_rank`, :func:`zscore`,
   :func:`raw`, :func:`nes_utilities`; :func:`check_rewards`;
 * center optimizers: :func:`adam_step`, :func:`sgd_step`, :func:`clipup_step`;
-* OpenAI-ES: :func:`es_gradient`, :func:`es_step` (any strategy's update for its config);
-* strategies' ask/tell for small problems: :func:`ask`, :func:`tell`;
+* OpenAI-ES: :func:`es_gradient`;
+* a run's strategy, by its config: :func:`tell` (the update), :func:`ask` (the dense
+  population), :func:`epoch_offsets` and :func:`perturb_members` (some members), and its
+  center optimizer: :func:`make_optimizer`, :func:`init_optimizer_state`,
+  :func:`apply_update`;
 * parameters: :func:`flatten_params`, :func:`load_flat`, :func:`unflatten_params`...;
 * state: :func:`initial_state`, :func:`encode_state`, :func:`decode_state`, :func:`check_noise`.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
 
 from .codec import (
     STATE_FORMAT,
@@ -23,25 +32,21 @@ from .codec import (
     initial_state,
     library_versions,
 )
+from .config import ESConfig
 from .noise import (
     NOISE_FORMAT,
+    Members,
     NoiseTable,
     default_table_size,
-    epoch_offsets,
     member_offsets,
     noise_weighted_sum,
-    perturb_members,
     perturbed_params,
 )
 from .optim import (
+    Optimizer,
     OptState,
     adam_step,
-    apply_update,
     clipup_step,
-    es_gradient,
-    es_step,
-    init_optimizer_state,
-    make_optimizer,
     norm64,
     sgd_step,
 )
@@ -63,7 +68,7 @@ from .shaping import (
     shape_fitness,
     zscore,
 )
-from .strategies import ask, noise_sums, tell
+from .strategies import ask, es_gradient, get_strategy, noise_sums, tell
 
 __all__ = [
     "NOISE_FORMAT",
@@ -108,3 +113,67 @@ __all__ = [
     "unflatten_params",
     "zscore",
 ]
+
+
+def epoch_offsets(
+    config: ESConfig, epoch: int, num_params: int, table: NoiseTable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(offsets int64[npop], signs float32[npop])`` of ``epoch``'s members
+    (:meth:`Strategy.offsets` of ``config.strategy``)."""
+    return get_strategy(config.strategy).offsets(config, epoch, num_params, table)
+
+
+def perturb_members(
+    center: torch.Tensor,
+    table: NoiseTable,
+    config: ESConfig,
+    epoch: int,
+    members: Members,
+    device: torch.device | str | None = None,
+    sigma: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Parameters ``[len(members), P]`` of some members of ``epoch``, on ``device``.
+
+    :func:`epoch_offsets` + :func:`perturbed_params` with the run's sigma. For a strategy
+    whose sigma is a state (pgpe, snes, sep_cma, cem) pass its
+    ``strategy.scale(config, state)`` as ``sigma``. ``device=None``: ``center``'s device.
+    """
+    offsets, signs = epoch_offsets(config, epoch, center.numel(), table)
+    scale = config.sigma if sigma is None else sigma
+    return perturbed_params(center, table, offsets, signs, scale, members, device)
+
+
+def make_optimizer(config: ESConfig) -> Optimizer:
+    """The center optimizer ``config`` asks for (its strategy's default when unset)."""
+    return get_strategy(config.strategy).make_optimizer(config)
+
+
+def init_optimizer_state(config: ESConfig, num_params: int) -> OptState:
+    """Fresh state of ``config``'s center optimizer for ``num_params`` parameters."""
+    return make_optimizer(config).init(num_params)
+
+
+def apply_update(
+    params: torch.Tensor, grad: torch.Tensor, opt_state: OptState, config: ESConfig
+) -> tuple[torch.Tensor, OptState]:
+    """One step of ``config``'s center optimizer that *ascends* ``grad`` (float32 CPU
+    ``[P]``; inputs are not modified)."""
+    return make_optimizer(config).step(params, grad, opt_state)
+
+
+def es_step(
+    params: torch.Tensor,
+    opt_state: OptState,
+    rewards: np.ndarray | Sequence[float],
+    epoch: int,
+    table: NoiseTable,
+    config: ESConfig,
+) -> tuple[torch.Tensor, OptState]:
+    """Deprecated: :func:`tell` with ``config`` last."""
+    warnings.warn(
+        "es_step(params, state, rewards, epoch, table, config) is deprecated; use "
+        "tell(config, params, state, rewards, epoch, table)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return tell(config, params, opt_state, rewards, epoch, table)

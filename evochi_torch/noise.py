@@ -30,20 +30,17 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 import torch
-
-from .config import ESConfig
 
 __all__ = [
     "NOISE_FORMAT",
     "NoiseTable",
     "default_table_size",
-    "epoch_offsets",
     "member_offsets",
     "noise_weighted_sum",
-    "perturb_members",
     "perturbed_params",
 ]
 
@@ -59,6 +56,16 @@ _U64 = np.uint64
 _MASK = (1 << 64) - 1
 
 Members = Sequence[int] | range | torch.Tensor | np.ndarray
+
+
+class NoiseSettings(Protocol):
+    """What the noise needs of a run's settings (an ``ESConfig`` has both)."""
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def noise_table_size(self) -> int | None: ...
 
 
 def default_table_size(num_params: int) -> int:
@@ -146,7 +153,7 @@ class NoiseTable:
         return cls.from_seed(seed, size)
 
     @classmethod
-    def for_config(cls, config: ESConfig, num_params: int) -> NoiseTable:
+    def for_config(cls, config: NoiseSettings, num_params: int) -> NoiseTable:
         """The run's table: ``config.seed`` and ``config.noise_table_size`` (or automatic)."""
         return cls.for_params(config.seed, num_params, config.noise_table_size)
 
@@ -258,35 +265,6 @@ def member_offsets(
         offsets = draw_offsets
         signs = np.ones(population_size, dtype=np.float32)
     return torch.from_numpy(offsets), torch.from_numpy(signs)
-
-
-def epoch_offsets(
-    config: ESConfig, epoch: int, num_params: int, table: NoiseTable
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`member_offsets` for a run: ``(offsets int64[npop], signs float32[npop])``."""
-    return member_offsets(
-        config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
-    )
-
-
-def perturb_members(
-    center: torch.Tensor,
-    table: NoiseTable,
-    config: ESConfig,
-    epoch: int,
-    members: Members,
-    device: torch.device | str | None = None,
-    sigma: float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Parameters ``[len(members), P]`` of some members of ``epoch``, on ``device``.
-
-    The one call an evaluator needs: :func:`epoch_offsets` + :func:`perturbed_params` with the
-    run's sigma. For a strategy whose sigma is a state (pgpe, snes, sep_cma, cem) pass its
-    ``strategy.scale(config, state)`` as ``sigma``. ``device=None``: ``center``'s device.
-    """
-    offsets, signs = epoch_offsets(config, epoch, center.numel(), table)
-    scale = config.sigma if sigma is None else sigma
-    return perturbed_params(center, table, offsets, signs, scale, members, device)
 
 
 def _as_index(members: Members, population_size: int) -> torch.Tensor:

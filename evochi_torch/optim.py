@@ -15,17 +15,12 @@ the same bits whatever its thread count, CPU or number of peers (:mod:`.portable
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
-from .config import ESConfig
-from .noise import NoiseTable, epoch_offsets, noise_weighted_sum
-from .portable import norm, powi, sqrt32
-from .shaping import shape_fitness
+from .portable import norm, powi, round32, sqrt32
 
 __all__ = [
     "OPTIMIZERS",
@@ -35,54 +30,12 @@ __all__ = [
     "OptState",
     "Optimizer",
     "adam_step",
-    "apply_update",
     "clipup_step",
-    "es_gradient",
-    "es_step",
-    "init_optimizer_state",
-    "make_optimizer",
     "norm64",
     "sgd_step",
 ]
 
 OptState = dict[str, torch.Tensor]
-
-
-def init_optimizer_state(config: ESConfig, num_params: int) -> OptState:
-    """Fresh center-optimizer state for ``num_params`` parameters.
-
-    Adam: ``{"step", "exp_avg", "exp_avg_sq"}``; SGD: ``{"step", "momentum_buffer"}``;
-    ClipUp: ``{"step", "velocity"}`` (``[P]`` float32 zeros, ``step`` a 0-dim int64 tensor).
-    """
-    return make_optimizer(config).init(num_params)
-
-
-def es_gradient(
-    rewards: np.ndarray | Sequence[float],
-    epoch: int,
-    table: NoiseTable,
-    config: ESConfig,
-    num_params: int,
-) -> torch.Tensor:
-    """ES ascent direction ``g = 1 / (npop * sigma) * sum_i w_i * s_i * eps_i`` (float32 ``[P]``).
-
-    ``rewards``: float ``[npop]`` in member order for ``epoch`` (the epoch whose noise was
-    evaluated); ``w = shape_fitness(rewards, config.fitness_shaping)``.
-    """
-    r = np.asarray(rewards, dtype=np.float64).reshape(-1)
-    if r.size != config.population_size:
-        raise ValueError(
-            f"got {r.size} rewards for a population of {config.population_size} members"
-        )
-    weights = shape_fitness(r, config.shaping)
-    offsets, signs = epoch_offsets(config, epoch, num_params, table)
-    scale = 1.0 / (config.population_size * config.sigma)
-    return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
-
-
-def _f32(x: float) -> float:
-    # The exact float32 value torch will use for this Python scalar.
-    return float(np.float32(x))
 
 
 def adam_step(
@@ -107,12 +60,12 @@ def adam_step(
     b1, b2 = betas
     m = _require(state, "exp_avg", params)
     v = _require(state, "exp_avg_sq", params)
-    m = torch.mul(m, _f32(b1)).add_(torch.mul(grad, _f32(1.0 - b1)))
-    v = torch.mul(v, _f32(b2)).add_(torch.mul(grad, grad).mul_(_f32(1.0 - b2)))
+    m = torch.mul(m, round32(b1)).add_(torch.mul(grad, round32(1.0 - b1)))
+    v = torch.mul(v, round32(b2)).add_(torch.mul(grad, grad).mul_(round32(1.0 - b2)))
     bias1 = 1.0 - powi(b1, step)
     bias2 = 1.0 - powi(b2, step)
-    denom = sqrt32(v).div_(_f32(math.sqrt(bias2))).add_(_f32(eps))
-    update = torch.div(m, denom).mul_(_f32(lr / bias1))
+    denom = sqrt32(v).div_(round32(math.sqrt(bias2))).add_(round32(eps))
+    update = torch.div(m, denom).mul_(round32(lr / bias1))
     new_state = {"step": torch.tensor(step, dtype=torch.int64), "exp_avg": m, "exp_avg_sq": v}
     return _decayed(params, update, lr, weight_decay), new_state
 
@@ -135,8 +88,8 @@ def sgd_step(
     params, grad = _check_pair(params, grad)
     step = int(state["step"]) + 1
     buf = _require(state, "momentum_buffer", params)
-    buf = torch.mul(buf, _f32(momentum)).add_(grad)
-    update = torch.mul(buf, _f32(lr))
+    buf = torch.mul(buf, round32(momentum)).add_(grad)
+    update = torch.mul(buf, round32(lr))
     new_state = {"step": torch.tensor(step, dtype=torch.int64), "momentum_buffer": buf}
     return _decayed(params, update, lr, weight_decay), new_state
 
@@ -165,12 +118,12 @@ def clipup_step(
     max_speed = 2.0 * lr if max_speed is None else max_speed
     vel = _require(state, "velocity", params)
     gnorm = norm64(grad)
-    vel = torch.mul(vel, _f32(momentum))
+    vel = torch.mul(vel, round32(momentum))
     if gnorm > 0.0:
-        vel.add_(torch.mul(grad, _f32(lr / gnorm)))
+        vel.add_(torch.mul(grad, round32(lr / gnorm)))
     vnorm = norm64(vel)
     if vnorm > max_speed:
-        vel.mul_(_f32(max_speed / vnorm))
+        vel.mul_(round32(max_speed / vnorm))
     new_state = {"step": torch.tensor(step, dtype=torch.int64), "velocity": vel}
     return _decayed(params, vel, lr, weight_decay), new_state
 
@@ -193,7 +146,7 @@ def _check_pair(params: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor,
 
 def _decayed(params: torch.Tensor, update: torch.Tensor, lr: float, wd: float) -> torch.Tensor:
     if wd:
-        return torch.mul(params, _f32(1.0 - lr * wd)).add_(update)
+        return torch.mul(params, round32(1.0 - lr * wd)).add_(update)
     return torch.add(params, update)
 
 
@@ -276,24 +229,6 @@ class ClipUp(Optimizer):
 OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "sgd": SGD, "clipup": ClipUp}
 
 
-def make_optimizer(config: ESConfig) -> Optimizer:
-    """The center optimizer ``config`` asks for (its strategy's default when unset)."""
-    from .strategies import get_strategy
-
-    return get_strategy(config.strategy).make_optimizer(config)
-
-
-def apply_update(
-    params: torch.Tensor, grad: torch.Tensor, opt_state: OptState, config: ESConfig
-) -> tuple[torch.Tensor, OptState]:
-    """One step of ``config``'s center optimizer that *ascends* ``grad``.
-
-    See :func:`adam_step`, :func:`sgd_step` and :func:`clipup_step`. ``params``, ``grad``:
-    float32 CPU ``[P]``; inputs are not modified.
-    """
-    return make_optimizer(config).step(params, grad, opt_state)
-
-
 def _require(state: OptState, key: str, params: torch.Tensor) -> torch.Tensor:
     try:
         t = state[key]
@@ -307,24 +242,3 @@ def _require(state: OptState, key: str, params: torch.Tensor) -> torch.Tensor:
             f"optimizer state {key!r} has shape {tuple(t.shape)}, params {tuple(params.shape)}"
         )
     return t.to(device="cpu", dtype=torch.float32)
-
-
-def es_step(
-    params: torch.Tensor,
-    opt_state: OptState,
-    rewards: np.ndarray | Sequence[float],
-    epoch: int,
-    table: NoiseTable,
-    config: ESConfig,
-) -> tuple[torch.Tensor, OptState]:
-    """One full update of ``config.strategy`` (OpenAI-ES by default: shape ``rewards`` ->
-    streamed weighted noise sum -> optimizer step).
-
-    ``params``: the center (float32 CPU ``[P]``) whose perturbations were evaluated in
-    ``epoch``; ``opt_state``: the strategy state; ``rewards``: ``[npop]`` finite rewards in
-    member order. Returns the next center and state; bit-identical in every process given the
-    same inputs.
-    """
-    from .strategies import get_strategy
-
-    return get_strategy(config.strategy).update(params, opt_state, rewards, epoch, table, config)

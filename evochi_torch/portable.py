@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["column_sums", "exp", "log", "norm", "powi", "sqrt32"]
+__all__ = ["column_sums", "exp", "log", "norm", "powi", "round32", "sqrt32"]
 
 # ln 2 split so that k * _LN2_HI is exact for |k| < 2**11 (Cody and Waite).
 _LN2_HI = 6.93147180369123816490e-01
@@ -121,6 +121,13 @@ def powi(base: float, n: int) -> float:
         base *= base
         n >>= 1
     return result
+
+
+def round32(x: float) -> float:
+    """The float32 value nearest ``x``: the exact scalar torch uses when it multiplies a
+    float32 tensor by the Python float ``x``, so float64 reasoning about an update can
+    reproduce its bits."""
+    return float(np.float32(x))
 
 
 def sqrt32(x: torch.Tensor) -> torch.Tensor:

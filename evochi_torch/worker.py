@@ -26,18 +26,12 @@ from torch import nn
 
 from evochi.v1 import Eval, Worker
 
-from .codec import (
-    TorchESState,
-    check_noise,
-    decode_state,
-    encode_state,
-    initial_state,
-    state_digest,
-)
+from .codec import decode_state, encode_state, state_digest
 from .config import ESConfig
-from .noise import NoiseTable, member_offsets, perturbed_params
+from .noise import NoiseTable, perturbed_params
 from .population import PopulationPolicy, flatten_params, load_flat
 from .shaping import check_rewards
+from .state import TorchESState, check_noise, initial_state
 from .strategies import get_strategy
 
 log = logging.getLogger("evochi_torch.worker")
@@ -90,7 +84,7 @@ class TorchESWorker(Worker[TorchESState]):
         self.device = torch.device("cpu" if device is None else device)
         self._module: nn.Module | None = None
         self._table: NoiseTable | None = None
-        self._offsets: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._asked: tuple[TorchESState, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
 
     # ------------------------------------------------------------------ user hooks
     @abc.abstractmethod
@@ -182,8 +176,7 @@ class TorchESWorker(Worker[TorchESState]):
         # by the server's epoch number, so it cannot drift from the parameters it perturbs.
         state = self.state
         members = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-        offsets, signs = self._member_offsets(state.epoch, state.params.numel())
-        scale = get_strategy(self._config.strategy).scale(self._config, state.opt_state)
+        offsets, signs, scale = self._ask(state)
         params = perturbed_params(
             state.params, self.noise_table(), offsets, signs, scale, members, device=self.device
         )
@@ -201,21 +194,16 @@ class TorchESWorker(Worker[TorchESState]):
         # (lost connection) must not leave a half-updated state behind.
         return self.state.advance(np.asarray(rewards, dtype=np.float64), self.noise_table())
 
-    def _member_offsets(self, epoch: int, num_params: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every task of an epoch needs the same offsets: compute them once per epoch.
-        cached = self._offsets
-        if cached is None or cached[0] != epoch:
-            table = self.noise_table()
-            offsets, signs = member_offsets(
-                self._config.seed,
-                epoch,
-                self._config.population_size,
-                num_params,
-                table.size,
-                self._config.antithetic,
+    def _ask(self, state: TorchESState) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        # Every task of an epoch perturbs around the same state: ask the strategy once per state.
+        cached = self._asked
+        if cached is None or cached[0] is not state:
+            strategy = get_strategy(self._config.strategy)
+            asked = strategy.ask(
+                self._config, state.opt_state, state.epoch, state.params.numel(), self.noise_table()
             )
-            cached = self._offsets = (epoch, offsets, signs)
-        return cached[1], cached[2]
+            cached = self._asked = (state, asked)
+        return cached[1]
 
 
 def split_score(raw: Any) -> tuple[Any, dict[str, np.ndarray] | None]:

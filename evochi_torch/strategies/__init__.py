@@ -1,14 +1,16 @@
 """ES strategies behind one seam (see :mod:`evochi_torch.strategies.base`).
 
-``STRATEGIES`` maps ``ESConfig.strategy`` names to strategy objects; adding a strategy is one
-file and one entry here. Functional use, without any networking::
+Each strategy is one file here and one line in the registration below; the registry itself
+(:mod:`evochi_torch.registry`) sits below :mod:`evochi_torch.config`, which reads a strategy's
+defaults from it. Functional use, without any networking::
 
     s = get_strategy("pgpe")
     state = s.init(config, center)
-    sigma = s.scale(config, state)                       # member i: center + sigma * s_i * eps_i
-    center, state = s.update(center, state, rewards, epoch, table, config)
+    offsets, signs, scale = s.ask(config, state, epoch, center.numel(), table)
+    center, state = s.tell(config, center, state, rewards, epoch, table)
 
-:func:`ask` and :func:`tell` wrap these for small problems (dense population matrix).
+:func:`ask` and :func:`tell` dispatch on ``config.strategy``; ``ask`` builds the dense
+population matrix (for small problems).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import registry
+from ..config import ESConfig
 from ..noise import NoiseTable, perturbed_params
 from .ars import ARS, ARSOptions
 from .base import Strategy, StrategyState, noise_sums
 from .cem import CEM, CEMOptions
-from .openai_es import OpenAIES
+from .openai_es import OpenAIES, es_gradient
 from .pgpe import PGPE, PGPEOptions
 from .sep_cma import SepCMA, SepCMAOptions
 from .snes import SNES, SNESOptions
@@ -43,27 +47,25 @@ __all__ = [
     "Strategy",
     "StrategyState",
     "ask",
+    "es_gradient",
     "get_strategy",
     "noise_sums",
     "register_strategy",
     "tell",
 ]
 
-STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (OpenAIES(), PGPE(), SNES(), SepCMA(), ARS(), CEM())
-}
+#: The registry (:data:`evochi_torch.registry.STRATEGIES`): name -> strategy.
+STRATEGIES: dict[str, Strategy] = registry.STRATEGIES
+
+for _strategy in (OpenAIES(), PGPE(), SNES(), SepCMA(), ARS(), CEM()):
+    registry.register(_strategy)
 
 
 def get_strategy(name: str | Strategy) -> Strategy:
     """The registered strategy called ``name`` (a ``ValueError`` lists the known ones)."""
     if isinstance(name, Strategy):
         return name
-    try:
-        return STRATEGIES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown ES strategy {name!r}; known strategies: {sorted(STRATEGIES)}"
-        ) from None
+    return registry.lookup(name)  # type: ignore[return-value]
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
@@ -71,28 +73,27 @@ def register_strategy(strategy: Strategy) -> Strategy:
 
     Every worker process of a training must register it (e.g. at import of the module that
     defines the worker class)."""
-    if not strategy.name:
-        raise ValueError("a strategy needs a non-empty name")
-    STRATEGIES[strategy.name] = strategy
+    registry.register(strategy)
     return strategy
 
 
-def ask(config, params: torch.Tensor, state: StrategyState, epoch: int, table: NoiseTable):
+def ask(
+    config: ESConfig, params: torch.Tensor, state: StrategyState, epoch: int, table: NoiseTable
+) -> torch.Tensor:
     """The whole population's parameters ``[npop, P]`` (dense: for small problems/tests)."""
-    s = get_strategy(config.strategy)
-    offsets, signs = s.offsets(config, epoch, params.numel(), table)
-    return perturbed_params(
-        params, table, offsets, signs, s.scale(config, state), range(config.population_size)
+    offsets, signs, scale = get_strategy(config.strategy).ask(
+        config, state, epoch, params.numel(), table
     )
+    return perturbed_params(params, table, offsets, signs, scale, range(config.population_size))
 
 
 def tell(
-    config,
+    config: ESConfig,
     params: torch.Tensor,
     state: StrategyState,
     rewards: np.ndarray | Sequence[float],
     epoch: int,
     table: NoiseTable,
 ) -> tuple[torch.Tensor, StrategyState]:
-    """``get_strategy(config.strategy).update(...)``: the next ``(center, state)``."""
-    return get_strategy(config.strategy).update(params, state, rewards, epoch, table, config)
+    """:meth:`Strategy.tell` of ``config.strategy``: the next ``(center, state)``."""
+    return get_strategy(config.strategy).tell(config, params, state, rewards, epoch, table)

@@ -59,7 +59,7 @@ class ARS(Strategy):
     def init(self, config, params):
         return self.make_optimizer(config).init(params.numel())
 
-    def update(self, params, state, rewards, epoch, table, config):
+    def tell(self, config, params, state, rewards, epoch, table):
         opts = self.options(config)
         p = params.numel()
         r = self.shaped(rewards, config)

@@ -5,10 +5,14 @@ A strategy is a stateless object of pure functions over a *strategy state*, a fl
 see :mod:`evochi_torch.codec`):
 
 * :meth:`Strategy.init` -> the epoch-0 state for a center;
-* :meth:`Strategy.scale` -> the per-parameter (``[P]`` tensor) or scalar (``float``) standard
-  deviation: member ``i`` is ``center + scale * s_i * eps_i`` with ``eps_i`` the window of the
-  shared noise table at member ``i``'s offset and ``s_i`` its antithetic sign;
-* :meth:`Strategy.update` -> the next ``(center, state)`` from one epoch's rewards.
+* :meth:`Strategy.ask` -> how the members of an epoch are perturbed, ``(offsets, signs,
+  scale)``: member ``i`` is ``center + scale * signs[i] * eps_i`` with ``eps_i`` the window of
+  the shared noise table at ``offsets[i]``; ``scale`` is a float or a per-parameter ``[P]``
+  tensor (:meth:`Strategy.offsets` and :meth:`Strategy.scale` are its two halves);
+* :meth:`Strategy.tell` -> the next ``(center, state)`` from one epoch's rewards.
+
+Every method takes ``config`` first. The worker perturbs members with ``ask`` and every
+update reads the same :meth:`Strategy.offsets`, so a strategy that overrides it changes both.
 
 Updates stream over noise windows (two ``[P]`` accumulators at most), never materialising a
 population x parameters matrix. Bit-identity: the accumulation is the same separate
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,8 +55,8 @@ class NoOptions:
 
 
 class Strategy:
-    """Base class of strategies (subclass, set the class attributes, implement the three
-    functions, add an instance to :data:`evochi_torch.strategies.STRATEGIES`)."""
+    """Base class of strategies (subclass, set the class attributes, implement ``init`` and
+    ``tell``, and register an instance with :func:`evochi_torch.strategies.register_strategy`)."""
 
     #: Registry name (``ESConfig.strategy``).
     name: ClassVar[str] = ""
@@ -98,14 +103,35 @@ class Strategy:
         # No optimizer: a plain gradient step is SGD without momentum.
         return SGD(lr, momentum=0.0, weight_decay=wd)
 
-    # -------------------------------------------------------------- the three functions
+    # -------------------------------------------------------------- init, ask, tell
     def init(self, config: ESConfig, params: torch.Tensor) -> StrategyState:
         """Epoch-0 strategy state for the center ``params`` (float32 CPU ``[P]``)."""
         raise NotImplementedError
 
-    def scale(self, config: ESConfig, state: StrategyState) -> float | torch.Tensor:
-        """Perturbation std: a float, or a float32 CPU ``[P]`` tensor (per parameter)."""
-        return config.sigma
+    def ask(
+        self, config: ESConfig, state: StrategyState, epoch: int, num_params: int, table: NoiseTable
+    ) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+        """``(offsets, signs, scale)`` of ``epoch``'s members: int64 ``[npop]``, float32
+        ``[npop]`` and the std (:meth:`scale`). Member ``i`` is
+        ``center + scale * signs[i] * table[offsets[i] : offsets[i] + num_params]``."""
+        offsets, signs = self.offsets(config, epoch, num_params, table)
+        return offsets, signs, self.scale(config, state)
+
+    def tell(
+        self,
+        config: ESConfig,
+        params: torch.Tensor,
+        state: StrategyState,
+        rewards: np.ndarray | Sequence[float],
+        epoch: int,
+        table: NoiseTable,
+    ) -> tuple[torch.Tensor, StrategyState]:
+        """The next ``(center, state)`` from ``epoch``'s ``rewards`` (``[npop]``, member
+        order). Pure: the inputs are not modified."""
+        if type(self).update is not Strategy.update:
+            # A subclass written against the deprecated ``update`` still works.
+            return self.update(params, state, rewards, epoch, table, config)
+        raise NotImplementedError
 
     def update(
         self,
@@ -116,9 +142,27 @@ class Strategy:
         table: NoiseTable,
         config: ESConfig,
     ) -> tuple[torch.Tensor, StrategyState]:
-        """The next ``(center, state)`` from ``epoch``'s ``rewards`` (``[npop]``, member
-        order). Pure: the inputs are not modified."""
-        raise NotImplementedError
+        """Deprecated: :meth:`tell` with ``config`` last."""
+        warnings.warn(
+            "Strategy.update(params, state, rewards, epoch, table, config) is deprecated; use "
+            "Strategy.tell(config, params, state, rewards, epoch, table)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.tell(config, params, state, rewards, epoch, table)
+
+    def scale(self, config: ESConfig, state: StrategyState) -> float | torch.Tensor:
+        """Perturbation std: a float, or a float32 CPU ``[P]`` tensor (per parameter)."""
+        return config.sigma
+
+    def offsets(
+        self, config: ESConfig, epoch: int, num_params: int, table: NoiseTable
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise offsets and antithetic signs of ``epoch``'s members (:func:`member_offsets`
+        of the run's seed)."""
+        return member_offsets(
+            config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
+        )
 
     # -------------------------------------------------------------- helpers
     def shaped(self, rewards: np.ndarray | Sequence[float], config: ESConfig) -> np.ndarray:
@@ -128,13 +172,6 @@ class Strategy:
                 f"got {r.size} rewards for a population of {config.population_size} members"
             )
         return shape_fitness(r, config.shaping)
-
-    def offsets(
-        self, config: ESConfig, epoch: int, num_params: int, table: NoiseTable
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return member_offsets(
-            config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
-        )
 
     def __repr__(self) -> str:
         return f"<strategy {self.name}>"

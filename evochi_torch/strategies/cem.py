@@ -59,7 +59,7 @@ class CEM(Strategy):
     def scale(self, config, state):
         return state["std"]
 
-    def update(self, params, state, rewards, epoch, table, config):
+    def tell(self, config, params, state, rewards, epoch, table):
         opts = self.options(config)
         p = params.numel()
         npop = config.population_size

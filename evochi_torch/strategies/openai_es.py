@@ -1,15 +1,18 @@
 """OpenAI-ES (Salimans et al. 2017): fixed sigma, shaped fitness, any center optimizer.
 
 ``g = 1 / (npop * sigma) * sum_i w_i * s_i * eps_i`` then an optimizer step (Adam by default).
-Exactly the update evochi_torch shipped before the strategy seam: same state keys (the
-optimizer's), same bits.
+The strategy state is the center optimizer's state alone.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
-from ..optim import es_gradient
+import numpy as np
+import torch
+
+from ..config import ESConfig
+from ..noise import NoiseTable, noise_weighted_sum
 from .base import Strategy
 
 
@@ -22,6 +25,32 @@ class OpenAIES(Strategy):
     def init(self, config, params):
         return self.make_optimizer(config).init(params.numel())
 
-    def update(self, params, state, rewards, epoch, table, config):
-        grad = es_gradient(np.asarray(rewards), epoch, table, config, params.numel())
+    def gradient(
+        self,
+        config: ESConfig,
+        rewards: np.ndarray | Sequence[float],
+        epoch: int,
+        table: NoiseTable,
+        num_params: int,
+    ) -> torch.Tensor:
+        """``g = 1 / (npop * sigma) * sum_i w_i * s_i * eps_i`` (float32 ``[P]``) with
+        ``w`` the shaped ``rewards`` of ``epoch`` (member order)."""
+        weights = self.shaped(rewards, config)
+        offsets, signs = self.offsets(config, epoch, num_params, table)
+        scale = 1.0 / (config.population_size * config.sigma)
+        return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
+
+    def tell(self, config, params, state, rewards, epoch, table):
+        grad = self.gradient(config, rewards, epoch, table, params.numel())
         return self.make_optimizer(config).step(params, grad, state)
+
+
+def es_gradient(
+    rewards: np.ndarray | Sequence[float],
+    epoch: int,
+    table: NoiseTable,
+    config: ESConfig,
+    num_params: int,
+) -> torch.Tensor:
+    """OpenAI-ES's ascent direction for ``config`` (:meth:`OpenAIES.gradient`)."""
+    return OpenAIES().gradient(config, rewards, epoch, table, num_params)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..optim import _f32
+from ..portable import round32
 from .base import Strategy, f32, noise_sums, require
 
 
@@ -56,7 +56,7 @@ class PGPE(Strategy):
     def scale(self, config, state):
         return state["sigma"]
 
-    def update(self, params, state, rewards, epoch, table, config):
+    def tell(self, config, params, state, rewards, epoch, table):
         opts = self.options(config)
         p = params.numel()
         npop = config.population_size
@@ -74,9 +74,9 @@ class PGPE(Strategy):
         # sigma + lr * sigma * (s_sq - sum w) / N, kept within sigma * (1 -/+ max change):
         # s_sq counts each pair's eps_k**2 twice, so / N = 2n is the per-direction average
         # (grad_sigma / n) of pgpelib's compute_reinforce_update and EvoTorch.
-        step = s_sq.sub_(_f32(math.fsum(w.tolist()))).mul_(sigma)
-        new_sigma = step.mul_(_f32(opts.stdev_learning_rate / npop)).add_(sigma)
-        low = torch.mul(sigma, _f32(1.0 - opts.stdev_max_change))
-        high = torch.mul(sigma, _f32(1.0 + opts.stdev_max_change))
+        step = s_sq.sub_(round32(math.fsum(w.tolist()))).mul_(sigma)
+        new_sigma = step.mul_(round32(opts.stdev_learning_rate / npop)).add_(sigma)
+        low = torch.mul(sigma, round32(1.0 - opts.stdev_max_change))
+        high = torch.mul(sigma, round32(1.0 + opts.stdev_max_change))
         new_state["sigma"] = torch.minimum(torch.maximum(new_sigma, low), high)
         return new_params, new_state

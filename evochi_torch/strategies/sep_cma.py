@@ -86,7 +86,7 @@ class SepCMA(Strategy):
     def scale(self, config, state):
         return f32(float(state["sigma"]) * np.sqrt(f64(state["C"])))
 
-    def update(self, params, state, rewards, epoch, table, config):
+    def tell(self, config, params, state, rewards, epoch, table):
         p = params.numel()
         k = constants(config.population_size, p, self.options(config).mu)
         w, mu_eff = k["w"], k["mu_eff"]

@@ -45,7 +45,7 @@ class SNES(Strategy):
     def scale(self, config, state):
         return state["sigma"]
 
-    def update(self, params, state, rewards, epoch, table, config):
+    def tell(self, config, params, state, rewards, epoch, table):
         opts = self.options(config)
         p = params.numel()
         u = self.shaped(rewards, config)

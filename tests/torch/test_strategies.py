@@ -41,7 +41,7 @@ def _evolve(s, config, params, table, epochs=3):
     for e in range(epochs):
         pop = ask(config, params, state, e, table).double()
         rewards = -((pop - 0.5) ** 2).sum(-1).numpy()
-        params, state = s.update(params, state, rewards, e, table, config)
+        params, state = s.tell(config, params, state, rewards, e, table)
     return params, state
 
 
@@ -86,7 +86,7 @@ def test_pgpe_matches_reference():
     if np.linalg.norm(vel) > max_speed:
         vel = vel * max_speed / np.linalg.norm(vel)
     new_sigma = np.clip(sigma + 0.1 * grad_sigma, 0.8 * sigma, 1.2 * sigma)
-    new_params, new_state = s.update(params, state, REWARDS, e, table, config)
+    new_params, new_state = s.tell(config, params, state, REWARDS, e, table)
     _close(new_params, mu + vel)
     _close(new_state["sigma"], new_sigma)
     _close(new_state["velocity"], vel)
@@ -102,7 +102,7 @@ def test_snes_matches_reference():
     eta_sigma = (3 + math.log(P)) / (5 * math.sqrt(P))
     new_mu = mu + 1.0 * sigma * (u @ z)
     new_sigma = sigma * np.exp(eta_sigma / 2 * (u @ (z * z - 1)))
-    new_params, new_state = s.update(params, state, REWARDS, e, table, config)
+    new_params, new_state = s.tell(config, params, state, REWARDS, e, table)
     _close(new_params, new_mu)
     _close(new_state["sigma"], new_sigma)
 
@@ -138,7 +138,7 @@ def test_sep_cma_matches_reference():
     pc = (1 - cc) * pc + hs * math.sqrt(cc * (2 - cc) * mueff) * yw
     C = (1 - c1 - cmu) * C + c1 * (pc**2 + (1 - hs) * cc * (2 - cc) * C) + cmu * (w @ (y * y))
     sigma = sigma * math.exp(cs / ds * (np.linalg.norm(ps) / chi - 1))
-    new_params, new_state = s.update(params, state, REWARDS, e, table, config)
+    new_params, new_state = s.tell(config, params, state, REWARDS, e, table)
     _close(new_params, new_m)
     _close(new_state["C"], C)
     _close(new_state["p_sigma"], ps)
@@ -159,7 +159,7 @@ def test_ars_matches_reference(b):
     top = np.argsort(-np.maximum(rp, rm), kind="stable")[:b]
     sigma_r = np.concatenate([rp[top], rm[top]]).std()
     step = 0.02 / (b * sigma_r) * ((rp[top] - rm[top]) @ eps[top])
-    new_params, _ = s.update(params, state, REWARDS, e, table, config)
+    new_params, _ = s.tell(config, params, state, REWARDS, e, table)
     _close(new_params, params.double().numpy() + step)
 
 
@@ -173,7 +173,7 @@ def test_cem_matches_reference():
     elite = x[np.argsort(-REWARDS, kind="stable")[: NPOP // 2]]
     new_m = elite.mean(0)
     new_std = 0.3 * std + 0.7 * elite.std(0)
-    new_params, new_state = s.update(params, state, REWARDS, e, table, config)
+    new_params, new_state = s.tell(config, params, state, REWARDS, e, table)
     _close(new_params, new_m, atol=1e-5)
     _close(new_state["std"], new_std, atol=1e-5)
 
@@ -184,7 +184,7 @@ def test_openai_es_matches_reference_with_sgd():
     z = _noise(config, table, 0)
     state = s.init(config, params)
     grad = _centered_rank(REWARDS) @ z / (NPOP * 0.3)
-    new_params, _ = s.update(params, state, REWARDS, 0, table, config)
+    new_params, _ = s.tell(config, params, state, REWARDS, 0, table)
     _close(new_params, params.double().numpy() + 0.1 * grad)
 
 
@@ -201,8 +201,8 @@ def test_update_is_pure_and_thread_count_independent(name):
     results = []
     for threads in (1, 2, 3):
         with num_threads(threads):
-            out = s.update(params, state, REWARDS, 5, table, config)
-            out = s.update(out[0], out[1], REWARDS[::-1].copy(), 6, table, config)
+            out = s.tell(config, params, state, REWARDS, 5, table)
+            out = s.tell(config, out[0], out[1], REWARDS[::-1].copy(), 6, table)
         results.append(out)
     for k, v in before.items():
         assert torch.equal(state[k], v), f"update modified its input {k}"
@@ -259,3 +259,55 @@ def test_noise_sums_read_cached_squares_with_the_bits_of_squaring_each_window():
     assert torch.equal(s_sq, expected)
     z = _noise(config, table, 5)
     _close(s_lin, lin @ z)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_ask_gives_the_offsets_and_scale_that_tell_assumes(name):
+    config, params, table, s = _setup(name)
+    state = s.init(config, params)
+    offsets, signs, scale = s.ask(config, state, 3, P, table)
+    want_offsets, want_signs = s.offsets(config, 3, P, table)
+    assert torch.equal(offsets, want_offsets) and torch.equal(signs, want_signs)
+    want_scale = s.scale(config, state)
+    if isinstance(want_scale, torch.Tensor):
+        assert torch.equal(scale, want_scale)
+    else:
+        assert scale == want_scale
+
+
+def test_the_deprecated_update_is_tell_with_config_last():
+    config, params, table, s = _setup("snes")
+    state = s.init(config, params)
+    want = s.tell(config, params, state, REWARDS, 1, table)
+    with pytest.deprecated_call():
+        got = s.update(params, state, REWARDS, 1, table, config)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1]["sigma"], want[1]["sigma"])
+
+
+def test_a_strategy_written_against_update_still_tells():
+    from evochi_torch.strategies import Strategy
+
+    class Legacy(Strategy):
+        name = "legacy_test"
+
+        def init(self, config, params):
+            return {}
+
+        def update(self, params, state, rewards, epoch, table, config):
+            return params + float(np.sum(rewards)), state
+
+    config, params, table, _ = _setup("openai_es")
+    new, _ = Legacy().tell(config, params, {}, np.ones(NPOP), 0, table)
+    assert torch.equal(new, params + NPOP)
+
+
+def test_config_reads_defaults_from_the_registry():
+    from evochi_torch import registry
+
+    assert registry.STRATEGIES is STRATEGIES
+    assert (
+        ESConfig(population_size=4, strategy="pgpe").lr
+        == registry.lookup("pgpe").default_learning_rate
+    )
+    with pytest.raises(ValueError, match="known strategies"):
+        registry.lookup("nope")

@@ -41,9 +41,9 @@ def _evolved(strategy: str, epochs: int = 3, **kw):
         rewards = -((pop.double() - 0.5) ** 2).sum(-1)
         if epoch == epochs:
             break
-        params, state = s.update(params, state, rewards.numpy(), epoch, table, config)
+        params, state = s.tell(config, params, state, rewards.numpy(), epoch, table)
     assert len(set(rewards.tolist())) == NPOP  # no ties: rankings agree whatever the tie rule
-    new_params, new_state = s.update(params, state, rewards.numpy(), epochs, table, config)
+    new_params, new_state = s.tell(config, params, state, rewards.numpy(), epochs, table)
     return config, params, state, pop.double(), rewards, new_params, new_state
 
 

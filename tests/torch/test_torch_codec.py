@@ -17,7 +17,6 @@ from evochi_torch import (
     check_noise,
     decode_state,
     encode_state,
-    es_step,
     flatten_params,
     initial_state,
     load_checkpoint,
@@ -25,6 +24,7 @@ from evochi_torch import (
     save_checkpoint,
 )
 from evochi_torch import codec as codec_mod
+from evochi_torch.functional import tell
 
 
 def policy() -> nn.Module:
@@ -81,10 +81,10 @@ def test_round_trip_is_exact(state):
     assert decode_state(bytearray(blob)).epoch == 1
 
 
-def test_advance_is_es_step_and_increments_epoch(state, table):
+def test_advance_is_the_strategys_tell_and_increments_epoch(state, table):
     rewards = np.linspace(0, 1, 6)
     nxt = state.advance(rewards, table)
-    params, opt = es_step(state.params, state.opt_state, rewards, 1, table, state.config)
+    params, opt = tell(state.config, state.params, state.opt_state, rewards, 1, table)
     assert nxt.epoch == 2
     assert torch.equal(nxt.params, params)
     assert torch.equal(nxt.opt_state["exp_avg"], opt["exp_avg"])

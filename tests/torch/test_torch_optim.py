@@ -8,12 +8,12 @@ from evochi_torch import (
     NoiseTable,
     apply_update,
     es_gradient,
-    es_step,
     init_optimizer_state,
     member_offsets,
     perturbed_params,
     shape_fitness,
 )
+from evochi_torch.functional import tell
 
 
 def _grads(p: int, steps: int, seed: int = 0) -> list[torch.Tensor]:
@@ -182,7 +182,7 @@ def test_es_gradient_matches_dense_estimator():
     assert not torch.equal(g, es_gradient(rewards, 4, table, cfg, p))
 
 
-def test_es_step_ascends_a_quadratic():
+def test_tell_ascends_a_quadratic():
     # A real ES loop on f(theta) = -|theta - target|^2 with the library's own pieces.
     cfg = ESConfig(population_size=32, sigma=0.1, learning_rate=0.05, seed=3)
     p = 10
@@ -195,6 +195,6 @@ def test_es_step_ascends_a_quadratic():
         offs, signs = member_offsets(cfg.seed, epoch, cfg.population_size, p, table.size)
         pop = perturbed_params(theta, table, offs, signs, cfg.sigma, range(cfg.population_size))
         rewards = (-((pop - target) ** 2).sum(1)).double().numpy()
-        theta, state = es_step(theta, state, rewards, epoch, table, cfg)
+        theta, state = tell(cfg, theta, state, rewards, epoch, table)
     end = float(((theta - target) ** 2).sum())
     assert end < 0.05 * start

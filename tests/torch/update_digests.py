@@ -41,7 +41,7 @@ def strategy_digest(name: str) -> str:
         pop = ask(config, params, state, epoch, table).numpy().astype(np.float64)
         # Exactly rounded sums: the rewards must not depend on the switches either.
         rewards = np.array([-math.fsum(((row - 0.3) * (row - 0.3)).tolist()) for row in pop])
-        params, state = s.update(params, state, rewards, epoch, table, config)
+        params, state = s.tell(config, params, state, rewards, epoch, table)
     return _digest(params.numpy(), *(state[k].numpy() for k in sorted(state)))
 
 
