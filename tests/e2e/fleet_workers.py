@@ -37,10 +37,20 @@ class _LogsCenter:
 def _wait_for_fleet(folder: Path, timeout: float = 60.0) -> None:
     """Holds the first evaluations until $EVOCHI_FLEET_SIZE workers have joined, so that a
     fast training is still shared by the whole fleet."""
+    global _fleet_seen
+    if _fleet_seen:
+        return
     size = int(os.environ.get("EVOCHI_FLEET_SIZE", "1"))
     deadline = time.monotonic() + timeout
     while len(list(folder.glob("*.joined"))) < size and time.monotonic() < deadline:
         time.sleep(0.05)
+    # A worker marks itself at hello; its first heartbeat, which makes the server hand it
+    # work, follows a moment later (longer on a loaded machine).
+    time.sleep(1.0)
+    _fleet_seen = True
+
+
+_fleet_seen = False
 
 
 class ToyLogsCenter(_LogsCenter, ToyRegression):
