@@ -22,7 +22,6 @@ import sys
 from dataclasses import dataclass, field
 
 import mujoco
-import numpy as np
 import tyro
 
 from evochi_torch import ESConfig, get_strategy
@@ -43,10 +42,9 @@ mujoco.set_mju_user_warning(_mujoco_warning)
 # --------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class MuJoCoSettings(GymSettings):
-    """GymSettings plus ARS's top-k. Plain data in the shared state: joining workers adopt it."""
+    """GymSettings with one center episode per epoch. Plain data in the shared state: joining
+    workers adopt it."""
 
-    top_k: int = 0
-    """keep only the k best antithetic pairs in each update (ARS); 0 keeps all"""
     eval_episodes: int = 1
     """center-policy episodes per epoch (the curve; not counted in env steps)"""
 
@@ -86,26 +84,7 @@ class MuJoCoES(GymWorker):
     settings = SETTINGS["HalfCheetah-v5"]
     default_config = _ES
 
-    def shape_rewards(self, rewards: np.ndarray) -> np.ndarray:
-        k = getattr(self.env_settings, "top_k", 0)
-        return keep_top_pairs(rewards, k) if k else rewards
 
-
-def keep_top_pairs(rewards: np.ndarray, k: int) -> np.ndarray:
-    """ARS's top-k directions: antithetic pairs outside the k best (by their better member)
-    get both members set to the pair's mean, so they cancel out of the update."""
-    pairs = rewards.reshape(-1, 2)
-    if k >= len(pairs):
-        return rewards
-    order = np.argsort(-pairs.max(axis=1), kind="stable")
-    out = pairs.copy()
-    dropped = order[k:]
-    out[dropped] = pairs[dropped].mean(axis=1, keepdims=True)
-    return out.reshape(-1)
-
-
-# One class per environment, so that `evochi-torch worker examples.mujoco:Hopper` starts a
-# Hopper training with its defaults.
 class HalfCheetah(MuJoCoES):
     settings = SETTINGS["HalfCheetah-v5"]
 

@@ -11,14 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from evochi_torch import centered_rank, load_checkpoint
+from evochi_torch import load_checkpoint
 from evochi_torch.__main__ import main as cli
 from evochi_torch.harness import RunConfig, read_metrics
-from examples.mujoco.mujoco import SETTINGS, Args, keep_top_pairs, run
+from examples.mujoco.mujoco import SETTINGS, Args, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,18 +94,6 @@ def test_hopper_same_training_for_one_and_two_workers_and_play(tmp_path, capsys)
     assert torch.equal(saved.params, two.state.params)
     assert cli(["play", "examples.mujoco:Hopper", str(tmp_path / "w2"), "--episodes", "2"]) == 0
     assert f"mean return {final:.1f} over 2 episodes" in capsys.readouterr().out
-
-
-def test_top_k_pairs_cancel_out_of_the_update() -> None:
-    rewards = np.array([1.0, 2.0, 5.0, 0.0, 3.0, 3.5, 0.0, -1.0])
-    kept = keep_top_pairs(rewards, 2)
-    # Pairs 1 (best 5) and 2 (best 3.5) are kept; 0 and 3 get their mean twice.
-    assert kept.tolist() == [1.5, 1.5, 5.0, 0.0, 3.0, 3.5, -0.5, -0.5]
-    weights = centered_rank(kept).reshape(-1, 2)
-    # Member 2k is +eps_k and 2k+1 is -eps_k: equal weights contribute nothing.
-    assert weights[0, 0] == weights[0, 1] and weights[3, 0] == weights[3, 1]
-    assert weights[1, 0] != weights[1, 1]
-    assert keep_top_pairs(rewards, 4).tolist() == rewards.tolist()
 
 
 @pytest.mark.timeout(300)
