@@ -11,8 +11,9 @@ What a user writes code against (``from evochi_torch import ...``):
   :class:`TorchESState`;
 * training with a run directory: :func:`train`, :class:`Trainer`, :class:`RunConfig`
   (:mod:`evochi_torch.harness`); gymnasium tasks: :mod:`evochi_torch.gym`;
-* errors: :class:`StateDecodeError`, :class:`NoiseMismatchError` (both
-  :class:`evochi.v1.EvochiError`\\ s).
+* errors: :class:`StateDecodeError` (:class:`evochi.v1.StateDecodeError` itself),
+  :class:`NoiseMismatchError`; every exception of evochi and evochi_torch is an
+  :class:`evochi.errors.EvochiError`.
 
 The pure maths (noise, shaping, optimizer steps, ask/tell) lives in
 :mod:`evochi_torch.functional`. The names this package exported before (``es_step``,

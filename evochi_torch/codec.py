@@ -11,7 +11,8 @@ One blob is a valid safetensors file:
 
 Decoding verifies the checksum before unpickling, and unpickles with an allow-list (builtin
 containers and scalars plus :class:`ESConfig`), so a crafted payload cannot run code: it gets a
-:class:`StateDecodeError`. ``safetensors.torch.load_file(path)`` reads a checkpoint directly.
+:class:`evochi.v1.StateDecodeError`, the one class every codec raises for undecodable bytes
+(re-exported here). ``safetensors.torch.load_file(path)`` reads a checkpoint directly.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from evochi.v1.errors import StateDecodeError as _V1StateDecodeError
+from evochi.v1.errors import StateDecodeError
 
 from .config import ESConfig
 from .population import load_flat
@@ -70,13 +71,6 @@ _OPT = "opt."
 _EXTRA = "extra."
 _CHECKSUM_KEY = "evochi.checksum"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-
-
-class StateDecodeError(_V1StateDecodeError):
-    """The bytes are not a valid, intact evochi-torch state (truncated, corrupt or unsafe).
-
-    A subclass of :class:`evochi.v1.StateDecodeError` (itself a ``ValueError``), so one
-    ``except`` catches undecodable states from any codec."""
 
 
 # --- pickle allow-list -------------------------------------------------------------------------

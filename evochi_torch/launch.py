@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from evochi.v1.errors import ServerGoneError
+from evochi.v1.errors import EvochiError, ServerGoneError
 
 log = logging.getLogger("evochi_torch.launch")
 
@@ -49,8 +49,12 @@ LEAVE_SECONDS = 1.5
 _PR_SET_PDEATHSIG = 1
 
 
-class Terminated(Exception):
-    """The launcher received SIGTERM or SIGHUP (its workers are stopped)."""
+class Terminated(EvochiError):
+    """The launcher received SIGTERM or SIGHUP (its workers are stopped).
+
+    An exception, not a ``BaseException`` like ``KeyboardInterrupt``: it is raised once the
+    workers have stopped, for the caller to turn into an exit status, so it is an ordinary
+    evochi error that a handler catching ``EvochiError`` also sees."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

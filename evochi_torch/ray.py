@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from evochi.errors import EvochiError
 from evochi_torch.launch import TrainResult, WorkerExit, WorkerSpec, early_stop_hook, load_class
 
 __all__ = [
@@ -52,7 +53,7 @@ log = logging.getLogger("evochi_torch.ray")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class RayMissingError(ImportError):
+class RayMissingError(EvochiError, ImportError):
     """Ray is not installed (it is an optional extra)."""
 
 

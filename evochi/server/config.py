@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evochi.errors import EvochiError
+
 __all__ = ["ConfigError", "ServerConfig", "build_parser", "parse_duration", "resolve_config"]
 
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
@@ -24,7 +26,7 @@ TRANSPORTS = ("http2", "grpcio")
 INT32_MAX = 2**31 - 1
 
 
-class ConfigError(ValueError):
+class ConfigError(EvochiError, ValueError):
     """A configuration value that cannot be used; the message names the setting."""
 
 

@@ -32,7 +32,8 @@ from typing import Literal
 
 import numpy as np
 
-from evochi.v1.metrics import MAX_METRICS, metric_name_error
+from evochi.errors import EvochiError
+from evochi.protocol import MAX_METRICS, metric_name_error
 
 __all__ = [
     "Close",
@@ -84,7 +85,7 @@ MAX_DEADLINE_STRETCH = 4
 # --------------------------------------------------------------------------- errors
 
 
-class CoreError(Exception):
+class CoreError(EvochiError):
     """A rejected request; ``code`` is the name of a ``grpc.StatusCode`` member."""
 
     code = "UNKNOWN"

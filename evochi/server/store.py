@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evochi.errors import EvochiError
+
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointStore", "CheckpointWriter"]
 
 MAGIC = b"EVOCHI-CHECKPOINT 1\n"
@@ -29,7 +31,7 @@ FILENAME = "checkpoint.evochi"
 log = logging.getLogger("evochi.server")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EvochiError, RuntimeError):
     """The checkpoint exists but cannot be used (corrupt, another training)."""
 
 

@@ -1,16 +1,25 @@
 """Exceptions raised by the Evochi client.
 
 Every failure that ends `Worker.start()` is one of these, so callers can tell an
-unreachable server from a rejected subscription from a stream that broke mid-training.
+unreachable server from a rejected subscription from a stream that broke mid-training. All
+derive from :class:`evochi.errors.EvochiError`, the root of the project's exceptions.
 """
 
 from __future__ import annotations
 
 import grpc
 
+from evochi.errors import EvochiError
 
-class EvochiError(Exception):
-    """Base class of every error raised by the evochi client."""
+__all__ = [
+    "EvochiError",
+    "ProtocolError",
+    "ServerGoneError",
+    "ServerUnavailableError",
+    "StateDecodeError",
+    "StreamBrokenError",
+    "SubscriptionRejectedError",
+]
 
 
 class ServerUnavailableError(EvochiError, ConnectionError):

@@ -31,6 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from evochi.errors import EvochiError
+
 from ..codec import TorchESState, load_checkpoint
 
 __all__ = ["RunDir", "RunDirExistsError", "new_run_dir", "record_resume", "record_start"]
@@ -79,7 +81,7 @@ class RunDir:
         return load_checkpoint(path)
 
 
-class RunDirExistsError(ValueError):
+class RunDirExistsError(EvochiError, ValueError):
     """A new training was pointed at a directory that already holds something."""
 
 
