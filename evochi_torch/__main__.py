@@ -12,7 +12,9 @@ evochi-torch worker examples.mujoco:HalfCheetah --server HOST:8080 --devices all
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -36,9 +38,11 @@ from evochi_torch.ray import add_ray_flags
 log = logging.getLogger("evochi_torch")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, strategy_choices: bool = True) -> None:
     """One optional flag per ESConfig field, plus every strategy's own options (see
-    `evochi_torch.strategies.cli`); unset flags keep the worker class's default."""
+    `evochi_torch.strategies.cli`); unset flags keep the worker class's default.
+
+    ``--strategy`` takes the registered names (``strategy_choices=False``: any name)."""
     from evochi_torch.strategies import STRATEGIES
     from evochi_torch.strategies.cli import add_strategy_flags
 
@@ -72,8 +76,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "population_size":
             kwargs["help"] = "members per epoch (also the server's population size)"
         elif f.name == "strategy":
-            kwargs["choices"] = sorted(STRATEGIES)
-            kwargs["help"] = "the ES strategy (docs/strategies.md); default: the class's"
+            if strategy_choices:
+                kwargs["choices"] = sorted(STRATEGIES)
+            kwargs["help"] = (
+                "the ES strategy (docs/strategies.md), or one that MODULE registers; "
+                "default: the class's"
+            )
         elif f.name in ("learning_rate", "optimizer", "max_speed", "fitness_shaping"):
             kwargs["help"] = "default: the worker class's default_config (None: the strategy's)"
         kwargs.setdefault("help", "default: the worker class's default_config")
@@ -132,8 +140,13 @@ def _common_worker_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+    strategy_choices: bool = True,
+) -> argparse.ArgumentParser:
+    """The command line; ``--strategy`` takes the strategies registered when it is built
+    (``main`` imports the worker's module first, so those it registers count too)."""
+    parser = parser_class(
         prog="evochi-torch",
         description="Run TorchESWorker subclasses: a whole training on this machine "
         "(train), or worker processes joining a remote evochi server (worker).",
@@ -176,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_flags(tr)
     _add_run_flags(tr)
     tr.set_defaults(log_level="WARNING")
-    _add_config_flags(tr)
+    _add_config_flags(tr, strategy_choices)
 
     wk = sub.add_parser(
         "worker",
@@ -211,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="connect with TLS, trusting this CA/self-signed certificate file",
     )
     add_ray_flags(wk)
-    _add_config_flags(wk)
+    _add_config_flags(wk, strategy_choices)
 
     pl = sub.add_parser(
         "play",
@@ -280,21 +293,49 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no per-epoch progress lines")
 
 
+class _PreParser(argparse.ArgumentParser):
+    """Raises on a bad command line instead of printing usage and exiting: the first pass
+    of `_import_worker_module` leaves the reporting to the real parse."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise argparse.ArgumentError(None, message)
+
+
+def _import_worker_module(argv: list[str]) -> None:
+    """Import the module of ``train``/``worker``'s MODULE:CLASS before the command line is
+    parsed, so that strategies it registers (``register_strategy``) are valid ``--strategy``
+    names and get their option flags. A module that fails to import is left for
+    ``load_class`` to report."""
+    help_flags = ("-h", "--help")
+    try:
+        args, _ = build_parser(_PreParser, strategy_choices=False).parse_known_args(
+            [a for a in argv if a not in help_flags]
+        )
+    except argparse.ArgumentError:
+        return
+    target = getattr(args, "target", None)
+    if args.command not in ("train", "worker") or not target or ":" not in target:
+        return
+    module = target.partition(":")[0]
+    if module and module not in sys.modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Like `python -m`: MODULE:CLASS may name a module of the current directory (e.g. the
+    # examples of a checkout); spawned workers inherit this path.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    _import_worker_module(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command in ("play", "export"):
         logging.basicConfig(level=args.log_level.upper())
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
         try:
             return _play(args) if args.command == "play" else _export(args)
         except (ValueError, FileNotFoundError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    # Like `python -m`: MODULE:CLASS may name a module of the current directory (e.g. the
-    # examples of a checkout); spawned workers inherit this path.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

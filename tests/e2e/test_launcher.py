@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 
 from evochi.server import EmbeddedServer, ServerConfig
 from evochi_torch.launch import parse_devices, spread
+from evochi_torch.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"}
@@ -59,6 +61,39 @@ def test_train_runs_an_embedded_server_and_local_workers(tmp_path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "trained epochs=3" in out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_train_with_a_strategy_the_user_module_registers(tmp_path) -> None:
+    # user_strategy.py registers "mine" (OpenAI-ES under another name, with an option of its
+    # own) at import, as a user's module would: the launcher imports it before its flags.
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        launcher("train", "user_strategy:Worker", "--strategy", "mine", "--gradient-scale", "0.5",
+                 "--workers", "1", "--max-epochs", "2", "--run-dir", str(run_dir)),
+        capture_output=True, text=True, env=ENV, timeout=100,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "trained epochs=2" in out.stdout
+    es = json.loads((run_dir / "config.json").read_text())["es"]
+    assert es["strategy"] == "mine" and es["strategy_options"] == {"gradient_scale": 0.5}
+
+    helped = subprocess.run(
+        launcher("train", "user_strategy:Worker", "--help"), capture_output=True, text=True, env=ENV
+    )
+    assert helped.returncode == 0
+    assert "mine" in helped.stdout and "--gradient-scale" in helped.stdout
+    builtin = subprocess.run(launcher("train", "--help"), capture_output=True, text=True, env=ENV)
+    assert "{" + ",".join(sorted(STRATEGIES)) + "}" in builtin.stdout
+    assert "mine" not in STRATEGIES and "mine" not in builtin.stdout
+
+    bad = subprocess.run(
+        launcher("train", "user_strategy:Worker", "--strategy", "nope", "--max-epochs", "1"),
+        capture_output=True, text=True, env=ENV,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "invalid choice: 'nope'" in bad.stderr
+    assert "'mine'" in bad.stderr and "'openai_es'" in bad.stderr
 
 
 @contextlib.contextmanager
