@@ -1,8 +1,8 @@
 """The root of every exception evochi and evochi_torch raise.
 
 It lives outside `evochi.v1` so that the server's gRPC-free parts (the core state machine,
-the configuration, the checkpoint store) can derive from it without importing grpc. Each
-subclass that used to be a built-in error keeps that base too (``ConfigError`` is still a
+the configuration, the checkpoint store) can derive from it without importing grpc. A
+subclass of a built-in error keeps that base too (``ConfigError`` is also a
 ``ValueError``), so ``except EvochiError`` catches everything the project raises and an
 existing ``except ValueError`` keeps working.
 """
