@@ -1,8 +1,8 @@
 """Hostile HTTP/2 peers against a live server while honest workers train, on both transports.
 
 Each attack of tests/server/adversary.py runs in its own process against the server in its
-own process, while 4 honest workers (population 64) train from this one. The bounds of
-issue 11 are asserted: honest epochs/s during the attack >= 50% of the baseline measured
+own process, while 4 honest workers (population 64) train from this one. The server's
+bounds are asserted: honest epochs/s during the attack >= 50% of the baseline measured
 just before, back to >= 90% within 5 s after it, no honest worker disconnected, server RSS
 under RSS_BOUND_MB (docs/server.md#limits).
 

@@ -1,4 +1,4 @@
-"""Issue 6 server features over gRPC: TLS, straggler re-issue, a CI-sized load with churn."""
+"""Server features over gRPC: TLS, straggler re-issue, a CI-sized load with churn."""
 
 from __future__ import annotations
 
