@@ -30,15 +30,15 @@ import time
 import numpy as np
 import torch
 
-from evochi_torch import (
-    ESConfig,
+from evochi_torch import ESConfig
+from evochi_torch.functional import (
     NoiseTable,
     apply_update,
-    default_table_size,
     es_step,
     init_optimizer_state,
     shape_fitness,
 )
+from evochi_torch.noise import default_table_size
 
 DEFAULT_SHAPES = "1000x1000000,200x5000000"
 OURS_PER_ROUND = 5

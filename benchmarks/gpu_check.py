@@ -120,13 +120,13 @@ def device_epoch(
     device: torch.device, num_params: int, members: int, epochs: int = 3
 ) -> dict[str, float]:
     """Runs `epochs` ES epochs as a worker on `device` would; returns timings and traffic."""
-    from evochi_torch import (
-        ESConfig,
+    from evochi_torch import ESConfig
+    from evochi_torch.functional import (
         NoiseTable,
-        es_step,
         init_optimizer_state,
         member_offsets,
         perturbed_params,
+        tell,
     )
 
     cuda = device.type == "cuda"
@@ -156,7 +156,7 @@ def device_epoch(
         build = time.perf_counter() - t0
         t0 = time.perf_counter()
         # The update stays on the host: bit-identical in every worker, whatever its device.
-        center, opt_state = es_step(center, opt_state, rewards, e, table, config)
+        center, opt_state = tell(config, center, opt_state, rewards, e, table)
         return build, time.perf_counter() - t0
 
     epoch(0)  # warm-up: kernels, allocator

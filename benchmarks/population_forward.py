@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from evochi_torch import PopulationPolicy, flatten_params, num_params
+from evochi_torch import PopulationPolicy
+from evochi_torch.functional import flatten_params, num_params
 
 
 def make_policy() -> nn.Sequential:

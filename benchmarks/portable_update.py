@@ -22,7 +22,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from evochi_torch import ESConfig, NoiseTable, optim, portable
+from evochi_torch import ESConfig, optim, portable
+from evochi_torch.functional import NoiseTable
 from evochi_torch.strategies import STRATEGIES, get_strategy
 
 

@@ -4,8 +4,8 @@ What a user writes code against (``from evochi_torch import ...``):
 
 * :class:`TorchESWorker` (subclass it: ``make_policy`` + ``score``), :class:`PopulationPolicy`
   (what ``score`` receives), :class:`ESConfig`;
-* strategies: :func:`get_strategy` (``openai_es``, ``pgpe``, ``snes``, ``sep_cma``, ``ars``,
-  ``cem``; writing one: :mod:`evochi_torch.strategies`, ``Strategy``, ``register_strategy``);
+* strategies: :func:`get_strategy` (the registered names: :data:`evochi_torch.registry.STRATEGIES`;
+  writing one: :mod:`evochi_torch.strategies`, ``Strategy``, ``register_strategy``);
 * center optimizers: :class:`Adam`, :class:`SGD`, :class:`ClipUp`;
 * checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`load_policy`,
   :class:`TorchESState`;
@@ -16,13 +16,13 @@ What a user writes code against (``from evochi_torch import ...``):
   :class:`evochi.errors.EvochiError`.
 
 The pure maths (noise, shaping, optimizer steps, ask/tell) lives in
-:mod:`evochi_torch.functional`. The names this package exported before (``es_step``,
-``NoiseTable``, ``shape_fitness``...) still resolve here, forwarded to their home modules.
+:mod:`evochi_torch.functional`; serialisation in :mod:`evochi_torch.codec`.
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from .codec import (
@@ -59,21 +59,28 @@ __all__ = [
     "train",
 ]
 
-# Names of the pre-curation top level, forwarded (lazily) so existing code keeps working.
+# Names that are not part of this face but are still looked up here: each resolves, with a
+# DeprecationWarning, to the module that owns it, so that code using them keeps working while
+# it moves to the import the warning names.
 _FORWARDED = {
     "TorchStateCodec": "evochi_torch.worker",
     "Strategy": "evochi_torch.strategies",
     "register_strategy": "evochi_torch.strategies",
     "RunResult": "evochi_torch.harness",
     **{name: "evochi_torch.functional" for name in (
-        "NOISE_FORMAT", "STATE_FORMAT", "NoiseTable", "OptState", "ParamSpec", "apply_update",
-        "centered_rank", "check_noise", "check_rewards", "decode_state", "default_table_size",
-        "encode_state", "epoch_offsets", "es_gradient", "es_step", "flatten_params",
-        "init_optimizer_state", "initial_state", "is_plain_mlp", "library_versions",
-        "load_flat", "member_offsets", "noise_weighted_sum", "num_params", "param_layout",
-        "perturb_members", "perturbed_params", "raw", "shape_fitness", "unflatten_params",
-        "zscore",
+        "NoiseTable", "apply_update", "centered_rank", "epoch_offsets", "es_gradient",
+        "es_step", "flatten_params", "init_optimizer_state", "load_flat", "member_offsets",
+        "noise_weighted_sum", "num_params", "perturb_members", "perturbed_params", "raw",
+        "shape_fitness", "unflatten_params", "zscore",
     )},
+    **{name: "evochi_torch.codec" for name in (
+        "STATE_FORMAT", "check_noise", "decode_state", "encode_state", "initial_state",
+        "library_versions",
+    )},
+    **{name: "evochi_torch.noise" for name in ("NOISE_FORMAT", "default_table_size")},
+    **{name: "evochi_torch.population" for name in ("ParamSpec", "is_plain_mlp", "param_layout")},
+    "check_rewards": "evochi_torch.shaping",
+    "OptState": "evochi_torch.optim",
 }  # fmt: skip
 
 
@@ -81,4 +88,9 @@ def __getattr__(name: str) -> Any:
     module = _FORWARDED.get(name)
     if module is None:
         raise AttributeError(f"module 'evochi_torch' has no attribute {name!r}")
+    warnings.warn(
+        f"evochi_torch.{name} is not part of the package's face; import it from {module}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return getattr(importlib.import_module(module), name)

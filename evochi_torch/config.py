@@ -26,23 +26,23 @@ class ESConfig:
 
     Fields left at ``None`` take the strategy's default (see ``docs/strategies.md``), so
     ``ESConfig(strategy="pgpe", population_size=200)`` is PGPE with ClipUp as in pgpelib, and
-    ``ESConfig(population_size=200)`` is today's OpenAI-ES with Adam, bit for bit.
+    ``ESConfig(population_size=200)`` is OpenAI-ES with Adam.
 
     Attributes:
         population_size: members per epoch (must equal the server's population size).
             Must be even when ``antithetic`` is on: member ``2k`` and ``2k+1`` form a pair.
-        strategy: a name from :data:`evochi_torch.strategies.STRATEGIES` (``"openai_es"``,
-            ``"pgpe"``, ``"snes"``, ``"sep_cma"``, ``"ars"``, ``"cem"``).
+        strategy: a name registered in :data:`evochi_torch.registry.STRATEGIES` (the
+            built-in ones are in ``docs/strategies.md``; a user's own: ``register_strategy``).
         strategy_options: the strategy's own options (plain data, e.g.
             ``{"elite_fraction": 0.2}`` for CEM); unknown keys are refused with the list of
             valid ones.
         sigma: (initial) standard deviation of the parameter perturbations.
-        learning_rate: the center's step size; ``None``: the strategy's default (OpenAI-ES
-            0.01, PGPE 0.15, SNES/sep-CMA-ES/CEM 1.0, ARS 0.02).
+        learning_rate: the center's step size; ``None``: the strategy's
+            ``default_learning_rate``.
         optimizer: center optimizer of the gradient strategies (openai_es, pgpe, ars):
             ``"adam"``, ``"sgd"`` (SGD with ``momentum``, PyTorch convention:
             ``v = momentum * v + g; theta += lr * v``) or ``"clipup"``; ``None``: the
-            strategy's default (adam, clipup, plain gradient step respectively).
+            strategy's ``default_optimizer`` (``None`` there: its plain gradient step).
         momentum: SGD / ClipUp momentum in ``[0, 1)``; 0 gives plain SGD.
         max_speed: ClipUp's velocity bound; ``None`` is ``2 * learning_rate``.
         betas: Adam's ``(beta1, beta2)``, each in ``[0, 1)``.
@@ -53,8 +53,7 @@ class ESConfig:
         antithetic: mirrored sampling; member ``2k`` gets ``+eps_k`` and ``2k+1`` gets ``-eps_k``.
         fitness_shaping: ``"centered_rank"`` (ranks mapped to ``[-0.5, 0.5]``),
             ``"zscore"``, ``"raw"`` or ``"nes"`` (NES utilities); ``None``: the strategy's
-            default (centered_rank for openai_es/pgpe, nes for snes, raw for the selection
-            strategies sep_cma/cem and for ars, whose reward-std scaling needs raw rewards).
+            ``default_shaping``. Each strategy's defaults: the table in ``docs/strategies.md``.
         seed: seeds the noise table and the per-epoch noise offsets.
         noise_table_size: number of float32 values in the shared noise table; ``None`` picks
             one from the parameter count (see :func:`evochi_torch.noise.default_table_size`).

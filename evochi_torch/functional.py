@@ -5,105 +5,59 @@ be tested and reused alone, the way ``torch.nn.functional`` sits beside ``torch.
 * noise: :class:`NoiseTable`, :func:`member_offsets`, :func:`perturbed_params`,
   :func:`noise_weighted_sum`, :func:`noise_sums`;
 * fitness shaping: :func:`shape_fitness` and :func:`centered_rank`, :func:`zscore`,
-  :func:`raw`, :func:`nes_utilities`; :func:`check_rewards`;
+  :func:`raw`, :func:`nes_utilities`;
 * center optimizers: :func:`adam_step`, :func:`sgd_step`, :func:`clipup_step`;
 * OpenAI-ES: :func:`es_gradient`;
 * a run's strategy, by its config: :func:`tell` (the update), :func:`ask` (the dense
-  population), :func:`epoch_offsets` and :func:`perturb_members` (some members), and its
-  center optimizer: :func:`make_optimizer`, :func:`init_optimizer_state`,
-  :func:`apply_update`;
-* parameters: :func:`flatten_params`, :func:`load_flat`, :func:`unflatten_params`...;
-* state: :func:`initial_state`, :func:`encode_state`, :func:`decode_state`, :func:`check_noise`.
+  population), :func:`epoch_offsets` and :func:`perturb_members` (some members);
+* parameters: :func:`flatten_params`, :func:`load_flat`, :func:`unflatten_params`,
+  :func:`num_params`.
+
+Serialising a state (``encode_state``, ``decode_state``...) is :mod:`evochi_torch.codec`'s.
+:func:`make_optimizer`, :func:`init_optimizer_state` and :func:`apply_update` (a config's
+center optimizer) are here for the worker and the tests, outside ``__all__``.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .codec import (
-    STATE_FORMAT,
-    check_noise,
-    decode_state,
-    encode_state,
-    initial_state,
-    library_versions,
-)
 from .config import ESConfig
 from .noise import (
-    NOISE_FORMAT,
     Members,
     NoiseTable,
-    default_table_size,
     member_offsets,
     noise_weighted_sum,
     perturbed_params,
 )
-from .optim import (
-    Optimizer,
-    OptState,
-    adam_step,
-    clipup_step,
-    norm64,
-    sgd_step,
-)
-from .population import (
-    ParamSpec,
-    flatten_params,
-    is_plain_mlp,
-    load_flat,
-    num_params,
-    param_layout,
-    unflatten_params,
-)
-from .shaping import (
-    SHAPINGS,
-    centered_rank,
-    check_rewards,
-    nes_utilities,
-    raw,
-    shape_fitness,
-    zscore,
-)
-from .strategies import ask, es_gradient, get_strategy, noise_sums, tell
+from .optim import Optimizer, OptState, adam_step, clipup_step, sgd_step
+from .population import flatten_params, load_flat, num_params, unflatten_params
+from .shaping import centered_rank, nes_utilities, raw, shape_fitness, zscore
+from .strategies import ask, get_strategy, tell
+from .strategies.base import noise_sums
+from .strategies.openai_es import es_gradient
 
 __all__ = [
-    "NOISE_FORMAT",
-    "SHAPINGS",
-    "STATE_FORMAT",
     "NoiseTable",
-    "OptState",
-    "ParamSpec",
     "adam_step",
-    "apply_update",
     "ask",
     "centered_rank",
-    "check_noise",
-    "check_rewards",
     "clipup_step",
-    "decode_state",
-    "default_table_size",
-    "encode_state",
     "epoch_offsets",
     "es_gradient",
-    "es_step",
     "flatten_params",
-    "init_optimizer_state",
-    "initial_state",
-    "is_plain_mlp",
-    "library_versions",
     "load_flat",
-    "make_optimizer",
     "member_offsets",
     "nes_utilities",
     "noise_sums",
     "noise_weighted_sum",
-    "norm64",
     "num_params",
-    "param_layout",
     "perturb_members",
     "perturbed_params",
     "raw",
@@ -113,6 +67,32 @@ __all__ = [
     "unflatten_params",
     "zscore",
 ]
+
+# Names that belong to another module but are still looked up here: each resolves, with a
+# DeprecationWarning, to its owner, which the warning names.
+_FORWARDED = {
+    **{name: "evochi_torch.codec" for name in (
+        "STATE_FORMAT", "check_noise", "decode_state", "encode_state", "initial_state",
+        "library_versions",
+    )},
+    **{name: "evochi_torch.noise" for name in ("NOISE_FORMAT", "default_table_size")},
+    **{name: "evochi_torch.population" for name in ("ParamSpec", "is_plain_mlp", "param_layout")},
+    **{name: "evochi_torch.shaping" for name in ("SHAPINGS", "check_rewards")},
+    "norm64": "evochi_torch.optim",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _FORWARDED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'evochi_torch.functional' has no attribute {name!r}")
+    warnings.warn(
+        f"evochi_torch.functional.{name} is not part of the functional namespace; "
+        f"import it from {module}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), name)
 
 
 def epoch_offsets(

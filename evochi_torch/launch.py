@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -426,7 +427,7 @@ def early_stop_hook(
     return epoch_hook, stop_early
 
 
-async def train(
+async def train_processes(
     spec: WorkerSpec,
     server_config: Any,
     devices: Sequence[str],
@@ -486,3 +487,16 @@ async def train(
             epochs = server.epoch  # after an early stop: the last completed epoch
     crashed = [e for e in procs.exits if e.exitcode not in (0, None)]
     return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)
+
+
+def __getattr__(name: str) -> Any:
+    # `train` is the harness's (evochi_torch.train, sync, a run directory); this layer's
+    # process-level loop is `train_processes`, and the old name still reaches it.
+    if name == "train":
+        warnings.warn(
+            "evochi_torch.launch.train is deprecated; use evochi_torch.launch.train_processes",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return train_processes
+    raise AttributeError(f"module 'evochi_torch.launch' has no attribute {name!r}")

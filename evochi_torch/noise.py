@@ -36,9 +36,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NOISE_FORMAT",
     "NoiseTable",
-    "default_table_size",
     "member_offsets",
     "noise_weighted_sum",
     "perturbed_params",

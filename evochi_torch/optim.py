@@ -27,11 +27,9 @@ __all__ = [
     "SGD",
     "Adam",
     "ClipUp",
-    "OptState",
     "Optimizer",
     "adam_step",
     "clipup_step",
-    "norm64",
     "sgd_step",
 ]
 

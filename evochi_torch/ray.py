@@ -332,7 +332,7 @@ async def train_ray(
     port: int = 0,
     server_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Like `evochi_torch.launch.train`, with Ray actors instead of local processes: an
+    """Like `evochi_torch.launch.train_processes`, with Ray actors instead of local processes: an
     embedded server on this process (the Ray driver) and `placement.num_workers` actors,
     until max epochs, `on_epoch` returning True, or every actor gone for good.
 

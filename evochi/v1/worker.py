@@ -341,6 +341,13 @@ class Worker(abc.ABC, Generic[S]):
         """Called whenever `self.state` is replaced (hello, initialize, optimize, and the
         training's state adopted after a drift)."""
 
+    def adopt_state(self, state: S) -> None:
+        """Hold `state` as if the server had sent it: sets `self.state` and calls
+        `on_state_change`. For using a worker without a server (evaluating a checkpoint,
+        stepping a training by hand, tests); a connected worker's state is the server's."""
+        self._state = state
+        self.on_state_change(state)
+
     def state_digest(self, state: S) -> bytes | None:
         """A digest of what decides this worker's next evaluations (e.g. a hash of the
         center), or None (the default) to send none.

@@ -4,8 +4,8 @@
     result = train(CartPole, max_epochs=50, workers=2)      # -> runs/CartPole-s0/
     # the same again: -> runs/CartPole-s0-20261207-141500/ (the first run is kept)
 
-`Trainer` puts small parts together around `evochi_torch.launch.train` (embedded server +
-worker processes): a `RunDir` of its own (checkpoints, config; no training writes into
+`Trainer` puts small parts together around `evochi_torch.launch.train_processes` (embedded
+server + worker processes): a `RunDir` of its own (checkpoints, config; no training writes into
 another run's directory, see `rundir`), loggers (metrics.csv and the optional
 TensorBoard/wandb), progress lines, an optional center evaluation by the worker class's
 `evaluate_center(policy) -> float`, stopping rules (epochs, env-step budget, target score) and
@@ -31,8 +31,15 @@ import torch
 
 from ..codec import TorchESState, decode_state, encode_state, load_checkpoint, save_checkpoint
 from ..config import ESConfig
-from ..launch import WorkerExit, WorkerSpec, class_path, load_class, parse_devices, spread
-from ..launch import train as launch_train
+from ..launch import (
+    WorkerExit,
+    WorkerSpec,
+    class_path,
+    load_class,
+    parse_devices,
+    spread,
+    train_processes,
+)
 from ..ray import RayPlacement
 from .loggers import Logger, make_loggers, read_metrics
 from .progress import plot_curve, progress_line
@@ -158,8 +165,8 @@ def offline_worker(cls: type, state: TorchESState | None = None, **kwargs: Any) 
 
 
 def attach_state(worker: Any, state: TorchESState) -> None:
-    worker._state = state  # what the client does on hello / after an epoch
-    worker.on_state_change(state)
+    """`worker` holds `state` as if the server had sent it (`evochi.v1.Worker.adopt_state`)."""
+    worker.adopt_state(state)
 
 
 def _summary_env_steps(summary: Any, member_bound: float | None) -> tuple[int, bool] | None:
@@ -437,7 +444,7 @@ class Trainer:
                     server_kwargs=server_kwargs,
                 )
             else:
-                result = await launch_train(
+                result = await train_processes(
                     spec,
                     server_config,
                     devices,

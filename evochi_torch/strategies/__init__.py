@@ -24,9 +24,9 @@ from .. import registry
 from ..config import ESConfig
 from ..noise import NoiseTable, perturbed_params
 from .ars import ARS, ARSOptions
-from .base import Strategy, StrategyState, noise_sums
+from .base import Strategy, StrategyState
 from .cem import CEM, CEMOptions
-from .openai_es import OpenAIES, es_gradient
+from .openai_es import OpenAIES
 from .pgpe import PGPE, PGPEOptions
 from .sep_cma import SepCMA, SepCMAOptions
 from .snes import SNES, SNESOptions
@@ -47,9 +47,7 @@ __all__ = [
     "Strategy",
     "StrategyState",
     "ask",
-    "es_gradient",
     "get_strategy",
-    "noise_sums",
     "register_strategy",
     "tell",
 ]

@@ -14,7 +14,8 @@ import torch
 from standalone import train_with_server_crash
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
-from evochi_torch import TorchESState, decode_state
+from evochi_torch import TorchESState
+from evochi_torch.codec import decode_state
 from evochi_torch.launch import WorkerProcesses, WorkerSpec
 
 EPOCHS = 10

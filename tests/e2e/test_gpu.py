@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from evochi.server import EpochSummary, ServerConfig
-from evochi_torch import decode_state
-from evochi_torch.launch import WorkerSpec, train
+from evochi_torch.codec import decode_state
+from evochi_torch.launch import WorkerSpec, train_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -70,7 +70,7 @@ def test_cuda_worker_evaluates_on_the_device() -> None:
 
     spec = WorkerSpec("gpu_workers:CartPoleOnDevice", cores=32, threads=1)
     config = ServerConfig(population_size=32, max_epochs=3)
-    result = asyncio.run(train(spec, config, ["cuda:0"], on_epoch=record))
+    result = asyncio.run(train_processes(spec, config, ["cuda:0"], on_epoch=record))
     assert (result.epochs, result.crashed) == (3, [])
     # The center stays a host tensor: the update is the same bits on every worker.
     state = decode_state(final[0])

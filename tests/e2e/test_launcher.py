@@ -183,7 +183,7 @@ def test_console_script_finds_the_examples_from_a_checkout(tmp_path) -> None:
 def test_train_finishes_cleanly_when_the_last_callback_is_slow() -> None:
     # Workers stopped at max_epochs exit while the last on_epoch still runs: a finish,
     # not "every worker process ended".
-    from evochi_torch.launch import WorkerSpec, train
+    from evochi_torch.launch import WorkerSpec, train_processes
 
     seen: list[int] = []
 
@@ -193,6 +193,6 @@ def test_train_finishes_cleanly_when_the_last_callback_is_slow() -> None:
 
     config = ServerConfig(population_size=24, max_epochs=2)
     spec = WorkerSpec("toy_workers:ToyRegression", cores=12)
-    result = asyncio.run(train(spec, config, ["cpu"], on_epoch=slow))
+    result = asyncio.run(train_processes(spec, config, ["cpu"], on_epoch=slow))
     assert (result.epochs, result.stopped_early, result.crashed) == (2, False, [])
     assert seen == [1, 2]

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
-from evochi_torch import ESConfig, TorchESState, decode_state
+from evochi_torch import ESConfig, TorchESState
 from evochi_torch.__main__ import main
-from evochi_torch.launch import WorkerSpec, train
+from evochi_torch.codec import decode_state
+from evochi_torch.launch import WorkerSpec, train_processes
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'evochi[ray]'")
 
@@ -85,7 +86,7 @@ def local_cluster():
 def reference() -> TorchESState:
     """The local launcher's result: two worker processes, same seed."""
     final = Final()
-    result = run(train(spec(), server_config(), ["cpu", "cpu"], on_epoch=final))
+    result = run(train_processes(spec(), server_config(), ["cpu", "cpu"], on_epoch=final))
     assert result.epochs == EPOCHS and not result.crashed
     return final.decoded()
 

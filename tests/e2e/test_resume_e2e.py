@@ -9,7 +9,7 @@ import torch
 from toy_workers import ToyRegression
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
-from evochi_torch import decode_state
+from evochi_torch.codec import decode_state
 
 
 async def train(

@@ -19,8 +19,8 @@ import torch
 
 from evochi.server import EpochSummary, ServerConfig
 from evochi.server.store import CheckpointStore
-from evochi_torch import decode_state
-from evochi_torch.launch import WorkerSpec, train
+from evochi_torch.codec import decode_state
+from evochi_torch.launch import WorkerSpec, train_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "slurm" / "evochi.sbatch"
@@ -79,7 +79,7 @@ def test_a_requeued_job_continues_the_same_training(tmp_path: Path) -> None:
     # The uninterrupted reference: the worker class's defaults, like the script.
     spec = WorkerSpec("examples.cartpole:CartPole", cores=32, threads=1)
     config = ServerConfig(population_size=32, max_epochs=EPOCHS)
-    asyncio.run(train(spec, config, ["cpu"], on_epoch=record))
+    asyncio.run(train_processes(spec, config, ["cpu"], on_epoch=record))
     reference = decode_state(final[0])
 
     state_dir = tmp_path / "state"

@@ -16,7 +16,7 @@ from toy_workers import ToyRegression
 
 from evochi.server import EmbeddedServer, EpochSummary, ServerConfig
 from evochi_torch import TorchESState
-from evochi_torch.functional import decode_state
+from evochi_torch.codec import decode_state
 from evochi_torch.launch import WorkerProcesses, WorkerSpec
 
 EPOCHS = 6
@@ -42,12 +42,12 @@ def single_process(strategy: str) -> tuple[TorchESState, dict[int, np.ndarray]]:
     """The same training without server or processes: the worker's own hooks in a loop."""
     config = ToyRegression.default_config.replace(strategy=strategy)
     worker = ToyRegression("127.0.0.1:1", cores=POPULATION, config=config)
-    worker._state = worker.initialize()
+    worker.adopt_state(worker.initialize())
     rewards = {}
     for epoch in range(1, EPOCHS + 1):
         evals = worker.evaluate(epoch, [slice(0, POPULATION)])
         rewards[epoch] = np.asarray([r for ev in evals for r in ev.rewards], dtype=np.float64)
-        worker._state = worker.optimize(epoch, rewards[epoch].tolist())
+        worker.adopt_state(worker.optimize(epoch, rewards[epoch].tolist()))
     return worker.state, rewards
 
 

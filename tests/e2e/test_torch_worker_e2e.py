@@ -9,7 +9,8 @@ import torch
 from toy_workers import NaNAtMember3, ToyRegression, mse
 
 from evochi.server import EmbeddedServer, ServerConfig
-from evochi_torch import ESConfig, TorchESState, decode_state
+from evochi_torch import ESConfig, TorchESState
+from evochi_torch.codec import decode_state
 from evochi_torch.launch import WorkerProcesses, WorkerSpec
 
 TARGET = "toy_workers:ToyRegression"

@@ -43,7 +43,7 @@ class CrashOnFirstTask(ToyRegression):
 
 
 def mse(params: torch.Tensor) -> float:
-    from evochi_torch import load_flat
+    from evochi_torch.functional import load_flat
 
     module = load_flat(ToyRegression.make_policy(None), params)  # type: ignore[arg-type]
     with torch.no_grad():
@@ -100,6 +100,6 @@ class OtherNoise(ToyRegression):
     """Stands for a process whose numpy would generate different noise."""
 
     def noise_table(self):
-        from evochi_torch import NoiseTable
+        from evochi_torch.functional import NoiseTable
 
         return NoiseTable.for_params(self.config.seed + 1, self.params.numel())

@@ -24,8 +24,7 @@ from evochi_torch.harness import (
     progress_line,
     read_metrics,
 )
-from evochi_torch.launch import WorkerSpec
-from evochi_torch.launch import train as launch_train
+from evochi_torch.launch import WorkerSpec, train_processes
 
 USER = "tests.harness.user_workers"
 FILES = ("checkpoint.safetensors", "best.safetensors", "metrics.csv", "curve.png", "config.json")
@@ -170,7 +169,7 @@ def test_export_turns_a_server_state_dir_into_a_policy_file(tmp_path, capsys) ->
     spec = WorkerSpec(f"{USER}:CartPole", cores=8, threads=1)
     import asyncio
 
-    asyncio.run(launch_train(spec, config, ["cpu", "cpu"]))
+    asyncio.run(train_processes(spec, config, ["cpu", "cpu"]))
     assert (state_dir / "checkpoint.evochi").exists()
     from evochi.server.store import CheckpointStore
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from evochi_torch import ESConfig, NoiseTable, decode_state, load_checkpoint
-from evochi_torch.functional import es_gradient
+from evochi_torch import ESConfig, load_checkpoint
+from evochi_torch.codec import decode_state
+from evochi_torch.functional import NoiseTable, es_gradient
 
 DATA = Path(__file__).parent / "data"
 REWARDS = np.asarray(json.loads((DATA / "legacy_rewards.json").read_text()))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from threads import num_threads
 
-from evochi_torch import ESConfig, NoiseTable
+from evochi_torch import ESConfig
+from evochi_torch.functional import NoiseTable
 from evochi_torch.noise import member_offsets, perturbed_params
 from evochi_torch.strategies import STRATEGIES, ask, get_strategy
 

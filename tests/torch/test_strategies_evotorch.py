@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from evochi_torch import ESConfig, NoiseTable
+from evochi_torch import ESConfig
+from evochi_torch.functional import NoiseTable
 from evochi_torch.strategies import ask, get_strategy
 
 pytest.importorskip("evotorch")

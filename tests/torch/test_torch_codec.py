@@ -11,20 +11,15 @@ from torch import nn
 from evochi_torch import (
     ESConfig,
     NoiseMismatchError,
-    NoiseTable,
     StateDecodeError,
     TorchESState,
-    check_noise,
-    decode_state,
-    encode_state,
-    flatten_params,
-    initial_state,
     load_checkpoint,
     load_policy,
     save_checkpoint,
 )
 from evochi_torch import codec as codec_mod
-from evochi_torch.functional import tell
+from evochi_torch.codec import check_noise, decode_state, encode_state, initial_state
+from evochi_torch.functional import NoiseTable, flatten_params, tell
 
 
 def policy() -> nn.Module:
@@ -245,7 +240,7 @@ def test_one_state_has_one_encoding_in_every_process(state, tmp_path) -> None:
     path = tmp_path / "state.bin"
     path.write_bytes(encode_state(state))
     script = (
-        "import sys; from evochi_torch import decode_state, encode_state; "
+        "import sys; from evochi_torch.codec import decode_state, encode_state; "
         "blob = open(sys.argv[1], 'rb').read(); "
         "sys.stdout.write(encode_state(decode_state(blob)).hex())"
     )

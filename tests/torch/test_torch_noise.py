@@ -7,18 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from threads import num_threads
 
-from evochi_torch import (
-    NOISE_FORMAT,
-    ESConfig,
+from evochi_torch import ESConfig, PopulationPolicy
+from evochi_torch.functional import (
     NoiseTable,
-    PopulationPolicy,
-    default_table_size,
     epoch_offsets,
     member_offsets,
     noise_weighted_sum,
     perturb_members,
     perturbed_params,
 )
+from evochi_torch.noise import NOISE_FORMAT, default_table_size
 
 SIZE = 1 << 18  # small tables keep the suite fast
 

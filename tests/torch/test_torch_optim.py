@@ -3,8 +3,8 @@ import pytest
 import torch
 from threads import num_threads
 
-from evochi_torch import (
-    ESConfig,
+from evochi_torch import ESConfig
+from evochi_torch.functional import (
     NoiseTable,
     apply_update,
     es_gradient,
@@ -12,8 +12,8 @@ from evochi_torch import (
     member_offsets,
     perturbed_params,
     shape_fitness,
+    tell,
 )
-from evochi_torch.functional import tell
 
 
 def _grads(p: int, steps: int, seed: int = 0) -> list[torch.Tensor]:

@@ -4,19 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from evochi_torch import (
-    ESConfig,
+from evochi_torch import ESConfig, PopulationPolicy
+from evochi_torch.functional import (
     NoiseTable,
-    PopulationPolicy,
     flatten_params,
-    is_plain_mlp,
     load_flat,
     member_offsets,
     num_params,
-    param_layout,
     perturbed_params,
     unflatten_params,
 )
+from evochi_torch.population import is_plain_mlp, param_layout
 
 
 def mlp(bias: bool = True, act: type[nn.Module] = nn.Tanh) -> nn.Sequential:

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from evochi_torch import centered_rank, check_rewards, raw, shape_fitness, zscore
+from evochi_torch.functional import centered_rank, raw, shape_fitness, zscore
+from evochi_torch.shaping import check_rewards
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 

@@ -13,7 +13,8 @@ import math
 import numpy as np
 import torch
 
-from evochi_torch import ESConfig, NoiseTable
+from evochi_torch import ESConfig
+from evochi_torch.functional import NoiseTable
 from evochi_torch.gym import ObsStats
 from evochi_torch.strategies import STRATEGIES, ask, get_strategy
 

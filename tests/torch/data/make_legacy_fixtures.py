@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evochi_torch import ESConfig, NoiseTable, encode_state, initial_state, save_checkpoint
+from evochi_torch import ESConfig, save_checkpoint
+from evochi_torch.codec import encode_state, initial_state
+from evochi_torch.functional import NoiseTable
 
 HERE = Path(__file__).parent
 P = 57
