@@ -1,5 +1,6 @@
-"""States and checkpoints written by the release before the strategy seam still load and
-continue (fixtures: tests/torch/data/make_legacy_fixtures.py, run on that code)."""
+"""States and checkpoints of the OpenAI-ES-only format (no strategy, ``ESConfig.device``)
+still load and continue (fixtures: tests/torch/data/make_legacy_fixtures.py, run on code of
+that format)."""
 
 from __future__ import annotations
 

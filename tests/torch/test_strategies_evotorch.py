@@ -1,4 +1,4 @@
-"""pgpe, snes and cem against EvoTorch (the reference library of issue 10): one update from the
+"""pgpe, snes and cem against EvoTorch (the reference library): one update from the
 same center, sigma and optimizer state, on the same population and fitness, must give the same
 next distribution as EvoTorch's own update (its functional ``pgpe_tell`` / ``cem_tell`` and the
 ``ExpSeparableGaussian`` step of its SNES class), configured with our defaults.

@@ -1,15 +1,16 @@
 """Writes the legacy-state fixtures of tests/torch/test_legacy_states.py.
 
-Run ONCE with the code from before the strategy seam (commit 9ca776b, evochi_torch with
-OpenAI-ES hard-wired and ``ESConfig.device``); its outputs are committed next to it:
+Run ONCE with code of the OpenAI-ES-only format (commit 9ca776b: OpenAI-ES hard-wired,
+``ESConfig.device``); its outputs are committed next to it:
 
 * ``legacy_state_adam.safetensors``: an encoded state (epoch 3, Adam moments non-zero),
 * ``legacy_checkpoint_sgd.safetensors``: a checkpoint (epoch 2, SGD momentum buffer),
-* ``legacy_next_<name>.safetensors``: each of them after one ``es_step`` with
-  :data:`REWARDS` (the bits today's code produced),
+* ``legacy_next_<name>.safetensors``: each of them after one update with
+  :data:`REWARDS` (the bits that code produced),
 * ``legacy_rewards.json``: the reward vector.
 
-Today's code must load the first two and reproduce the last ones bit for bit.
+The current code must load the first two and continue them as test_legacy_states.py
+states.
 """
 
 from __future__ import annotations
