@@ -134,10 +134,13 @@ def test_load_64_workers_with_churn_counts_every_member_once() -> None:
             for _ in range(workers - 1):
                 w = StubWorker(server.address, cores=population // workers + 1)
                 tasks[asyncio.ensure_future(play(w))] = w
-            churned = 0
+            churned, next_churn = 0, 3
             while not server.finished:
                 await asyncio.sleep(0.05)
-                if server.epoch % 3 == 0 and churned < server.epoch // 3 * 4:
+                # At epochs 3, 6 and 9, or the first epoch this loop sees after one of them
+                # (a loaded machine may starve it through a whole epoch).
+                if server.epoch >= next_churn and next_churn < epochs:
+                    next_churn += 3
                     # Kill a few workers mid-epoch and start as many new ones.
                     for victim_task in rng.sample(sorted(tasks, key=id), 4):
                         await tasks.pop(victim_task).kill()
