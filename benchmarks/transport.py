@@ -59,6 +59,8 @@ async def _clients(port: int, concurrency: int, calls: int, pipe: Connection) ->
             hello = await call.read()
             streams.append(call)
             auths.append((("authorization", f"Bearer {hello.hello.token}"),))
+            # Heartbeat 1 proves the worker reads its stream: the server hands no task before.
+            await stub.Heartbeat(pb.HeartbeatRequest(seq_id=1), metadata=auths[-1])
             if i == 0:  # the first worker initializes; later ones get hello after that
                 task = (await call.read()).initialize.task_id
                 await stub.FinishInitialization(
@@ -70,10 +72,10 @@ async def _clients(port: int, concurrency: int, calls: int, pipe: Connection) ->
                 await stub.Heartbeat(pb.HeartbeatRequest(seq_id=seq), metadata=metadata)
 
         per_worker = max(1, calls // concurrency)
-        await asyncio.gather(*(beat(a, 1, 20) for a in auths))  # warm-up
+        await asyncio.gather(*(beat(a, 2, 20) for a in auths))  # warm-up
         pipe.send("start")
         start = time.perf_counter()
-        await asyncio.gather(*(beat(a, 21, per_worker) for a in auths))
+        await asyncio.gather(*(beat(a, 22, per_worker) for a in auths))
         wall = time.perf_counter() - start
         pipe.send("stop")
         for call in streams:

@@ -28,7 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from evochi.server import core
 from evochi.server.config import ServerConfig
 from evochi.server.health import SERVICES, SERVING, Health
-from evochi.server.http2 import JOIN_BUDGET, OUR_MAX_STREAMS, _Budget
+from evochi.server.limits import JOIN_BUDGET, OUR_MAX_STREAMS, Budget
 from evochi.server.service import SERVICE_NAME, UNARY_METHODS, EvochiService, parse_bearer
 
 __all__ = ["GrpcioTransport"]
@@ -65,7 +65,7 @@ class GrpcioTransport:
         self._health_servicer = health_aio.HealthServicer()
         # Joins per connection (peer address) without a join token, as on the HTTP/2 transport.
         self._open_joins = not config.join_token
-        self._joins: dict[str, _Budget] = {}
+        self._joins: dict[str, Budget] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _options(self) -> list[tuple[str, Any]]:
@@ -132,11 +132,11 @@ class GrpcioTransport:
         now = time.monotonic()
         joins = self._joins
         if len(joins) > 4096:  # forget peers whose budget has drained
-            for key in [k for k, b in joins.items() if now - b.last > b.burst / b.rate]:
+            for key in [k for k, b in joins.items() if b.drained(now)]:
                 del joins[key]
         budget = joins.get(peer)
         if budget is None:
-            budget = joins[peer] = _Budget(*JOIN_BUDGET)
+            budget = joins[peer] = Budget(*JOIN_BUDGET, now)
         return budget.spend(now)
 
     def _health_changed(self, status: int) -> None:

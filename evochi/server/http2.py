@@ -8,22 +8,23 @@ module about 25 µs (``python -m benchmarks.transport``). An epoch of a 16-worke
 only what a gRPC server needs, RFC 9113 frame by frame; header compression (HPACK, with its
 Huffman code and dynamic table) is left to the well-kept ``hpack`` library.
 
-What it serves: unary and server-streaming calls, the gRPC length-prefixed framing (gzip and
-deflate request compression; responses are never compressed), flow control in both
-directions, PING (answered, and sent to idle connections to find dead peers), GOAWAY on
-shutdown, TLS with ALPN ``h2``, the standard ``grpc.health.v1.Health`` service. Malformed
-frames end the connection with GOAWAY; a bad call ends with a gRPC status. Nothing a peer
-sends can raise out of this module.
+What it serves: unary and server-streaming calls, the gRPC length-prefixed framing
+(grpc_framing.py: gzip and deflate request compression; responses are never compressed),
+flow control in both directions, PING (answered, and sent to idle connections to find dead
+peers), GOAWAY on shutdown, TLS with ALPN ``h2``, the standard ``grpc.health.v1.Health``
+service. Malformed frames end the connection with GOAWAY; a bad call ends with a gRPC
+status. Nothing a peer sends can raise out of this module.
 
-Hostile peers (docs/server.md#limits): every connection has budgets, leaky buckets drained
-at a fixed rate, for frames that do no useful work (SETTINGS, PING, PRIORITY, WINDOW_UPDATE,
-empty DATA, unknown types, CONTINUATION, refused or failed calls, header blocks decoded from
-scratch), for streams the peer resets, and for joins; past one the connection gets
-GOAWAY(ENHANCE_YOUR_CALM). The work per frame is bounded (no loop over every stream per
-SETTINGS entry or WINDOW_UPDATE), a connection is served at most FRAMES_PER_TURN frames per
-event-loop turn (then its reading pauses until the other connections had their turn), a peer
-that does not read its answers stops being read, and unfinished streams, buffered request
-bytes, partial frames and decoded header blocks are capped per connection and in total.
+Hostile peers (docs/server.md#limits; the values, and the price of each frame kind, are in
+limits.py): every connection has budgets, leaky buckets drained at a fixed rate, for frames
+that do no useful work (SETTINGS, PING, PRIORITY, WINDOW_UPDATE, empty DATA, unknown types,
+CONTINUATION, refused or failed calls, header blocks decoded from scratch), for streams the
+peer resets, and for joins; past one the connection gets GOAWAY(ENHANCE_YOUR_CALM). The work
+per frame is bounded (no loop over every stream per SETTINGS entry or WINDOW_UPDATE), a
+connection is served at most FRAMES_PER_TURN frames per event-loop turn (then its reading
+pauses until the other connections had their turn), a peer that does not read its answers
+stops being read, and unfinished streams, buffered request bytes, partial frames and decoded
+header blocks are capped per connection and in total.
 """
 
 from __future__ import annotations
@@ -33,16 +34,44 @@ import logging
 import ssl
 import struct
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import hpack
 
 from evochi.server import core
+from evochi.server.grpc_framing import (
+    PREFIX,
+    CallError,
+    decode_request,
+    frame_message,
+    percent_encode,
+    status_code,
+)
 from evochi.server.health import HEALTH_SERVICE, SERVICE_UNKNOWN, Health
+from evochi.server.limits import (
+    BYTES_PER_TURN,
+    CLOSE_LINGER,
+    CONTROL_BUDGET,
+    COSTS,
+    FRAMES_PER_TURN,
+    HEADER_CACHE_BLOCK,
+    HEADER_CACHE_SIZE,
+    HEADER_CACHE_TOTAL,
+    JOIN_BUDGET,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_HEADER_BLOCK,
+    MAX_SETTINGS_ENTRIES,
+    MAX_SUBSCRIBE_REQUEST,
+    OUR_MAX_FRAME,
+    OUR_MAX_HEADER_LIST,
+    OUR_MAX_STREAMS,
+    RESET_BUDGET,
+    Budget,
+)
 from evochi.server.service import SERVICE_NAME, UNARY_METHODS, EvochiService, parse_bearer
 
 __all__ = ["Http2Transport"]
@@ -69,43 +98,6 @@ ENHANCE_YOUR_CALM = 0xB
 MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME = 16_384
-# What we accept. A partial frame is held in memory until its last byte: 64 KiB bounds what
-# a peer that stops one byte short of a frame costs (a large state is many frames; ~1 µs each).
-OUR_MAX_FRAME = 64 * 1024
-# Unfinished streams per connection (advertised, and refused past it): a worker needs ~3.
-OUR_MAX_STREAMS = 100
-OUR_MAX_HEADER_LIST = 64 * 1024
-MAX_HEADER_BLOCK = 32 * 1024  # compressed; decoding a hostile block costs CPU in proportion
-# Distinct blocks per connection: (method x worker) pairs, and gRPC clients share one
-# connection between a process's workers. The total bounds the memory (a block of at most
-# HEADER_CACHE_BLOCK decodes to at most the HPACK table's 4 KiB plus its own bytes).
-HEADER_CACHE_SIZE = 256
-HEADER_CACHE_TOTAL = 8192
-HEADER_CACHE_BLOCK = 2048  # larger blocks are decoded every time, never kept
-MAX_SUBSCRIBE_REQUEST = 64 * 1024  # a SubscribeRequest is one int32; also per connection
-MAX_SETTINGS_ENTRIES = 32  # per SETTINGS frame (nghttp2's default); a client sends ~6
-MAX_CONNECTIONS = 1024
-# Budgets per connection, leaky buckets: (drained per second, most held). A gRPC client sends
-# a few control frames per call (WINDOW_UPDATE, BDP PING); a flood sends thousands per second.
-CONTROL_BUDGET = (1000.0, 2000.0)
-# ... and useful work earns some back: gRPC clients send ~3 WINDOW_UPDATEs per call and one
-# per message they receive, so the budget grows with the calls served, never below zero.
-CALL_CREDIT, MESSAGE_CREDIT = 8.0, 2.0
-RESET_BUDGET = (50.0, 200.0)  # streams the peer resets (CVE-2023-44487, Rapid Reset)
-# Subscribe calls (each a join and a Hello) per connection, unless the server has a join
-# token, which the call then presented. gRPC clients share one connection between the
-# workers of a process (64 churning workers in benchmarks/load.py): past the budget a join is
-# answered UNAVAILABLE, which clients retry after a backoff.
-JOIN_BUDGET = (50.0, 100.0)
-DECODE_UNIT = 256  # a header block decoded from scratch costs 1 per DECODE_UNIT bytes
-# Fairness: frames (or bytes) of one connection per event-loop turn.
-FRAMES_PER_TURN = 200
-BYTES_PER_TURN = 1 << 20
-CLOSE_LINGER = 2.0  # a closed connection whose peer does not read its last bytes is aborted
-# Dead peers: a connection silent this long is pinged, and dropped without an answer.
-KEEPALIVE_IDLE = 60.0
-KEEPALIVE_TIMEOUT = 20.0
-
 _FRAME_HEADER = struct.Struct(">BHBBI")
 _PATHS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in ("Subscribe", *UNARY_METHODS)}
 # Calls that need a worker's token, checked from the headers: only these may upload much.
@@ -113,23 +105,6 @@ _AUTHENTICATED = frozenset(UNARY_METHODS)
 _HEALTH_CHECK, _HEALTH_WATCH = "health.Check", "health.Watch"
 _PATHS[f"/{HEALTH_SERVICE}/Check".encode()] = _HEALTH_CHECK
 _PATHS[f"/{HEALTH_SERVICE}/Watch".encode()] = _HEALTH_WATCH
-
-
-class _Budget:
-    """A leaky bucket: spending fails once more than ``burst`` is held, drained at ``rate``/s."""
-
-    __slots__ = ("burst", "last", "level", "rate")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.level = 0.0
-        self.last = time.monotonic()
-
-    def spend(self, now: float, cost: float = 1.0) -> bool:
-        level = self.level - (now - self.last) * self.rate
-        self.level = (level if level > 0.0 else 0.0) + cost
-        self.last = now
-        return self.level <= self.burst
 
 
 def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -163,25 +138,10 @@ RESPONSE_HEADERS = _STATUS_200 + _CONTENT_TYPE
 TRAILERS_OK = _literal(b"grpc-status", b"0")
 
 
-def _status_code(name: str) -> int:
-    return grpc.StatusCode[name].value[0]
-
-
-def _percent_encode(message: str) -> bytes:
-    """grpc-message: UTF-8, percent-encoding everything outside printable ASCII and '%'."""
-    out = bytearray()
-    for byte in message.encode("utf-8", "replace")[:4096]:
-        if 0x20 <= byte <= 0x7E and byte != 0x25:
-            out.append(byte)
-        else:
-            out += b"%%%02X" % byte
-    return bytes(out)
-
-
 def _trailers(code: str, message: str) -> bytes:
-    block = _literal(b"grpc-status", str(_status_code(code)).encode())
+    block = _literal(b"grpc-status", str(status_code(code)).encode())
     if message:
-        block += _literal(b"grpc-message", _percent_encode(message))
+        block += _literal(b"grpc-message", percent_encode(message))
     return block
 
 
@@ -189,15 +149,6 @@ class _ConnectionError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class _CallError(Exception):
-    """Ends one call with a gRPC status (the connection lives on)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class _Stream:
@@ -285,9 +236,9 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0  # request bytes held in streams' buffers
         self.subscribe_buffered = 0  # ... of which in Subscribe calls (no token needed)
         self.now = time.monotonic()
-        self.control = _Budget(*CONTROL_BUDGET)
-        self.resets = _Budget(*RESET_BUDGET)
-        self.joins = _Budget(*JOIN_BUDGET)
+        self.control = Budget(*CONTROL_BUDGET)
+        self.resets = Budget(*RESET_BUDGET)
+        self.joins = Budget(*JOIN_BUDGET)
         self.turn_pending = False  # frames left in buf for the next event-loop turn
 
     # ------------------------------------------------------------------ asyncio
@@ -442,7 +393,7 @@ class _Connection(asyncio.Protocol):
     def _calm(self, what: str) -> _ConnectionError:
         return _ConnectionError(ENHANCE_YOUR_CALM, what)
 
-    def _control(self, cost: float = 1.0) -> None:
+    def _control(self, cost: float) -> None:
         """A frame that does no useful work: spend from the connection's budget."""
         if not self.control.spend(self.now, cost):
             raise self._calm("too many control frames")
@@ -453,10 +404,9 @@ class _Connection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             self.write(_frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS))
-        framed = b"\x00" + len(message).to_bytes(4, "big") + message
+        framed = frame_message(message)
         n = len(framed)
-        control = self.control
-        control.level = control.level - MESSAGE_CREDIT if control.level > MESSAGE_CREDIT else 0.0
+        self.control.earn(COSTS.message_credit)
         if (
             not stream.pending
             and n <= self.send_window
@@ -589,7 +539,7 @@ class _Connection(asyncio.Protocol):
             if len(block) > MAX_HEADER_BLOCK:
                 raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
             if not flags & END_HEADERS:
-                self._control()
+                self._control(COSTS.unfinished_headers)
             if flags & END_HEADERS:
                 self._headers(stream_id, flags, block)
             else:
@@ -597,7 +547,7 @@ class _Connection(asyncio.Protocol):
         elif kind == CONTINUATION:
             if self.continuation is None or self.continuation[0] != stream_id:
                 raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._control()
+            self._control(COSTS.continuation)
             block_buf = self.continuation[2]
             block_buf += payload
             if len(block_buf) > MAX_HEADER_BLOCK:
@@ -613,13 +563,13 @@ class _Connection(asyncio.Protocol):
         elif kind == PING:
             if len(payload) != 8 or stream_id != 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "malformed PING")
-            self._control()
+            self._control(COSTS.ping)
             if not flags & ACK:
                 self.write(_frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             if len(payload) != 4 or stream_id == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
-            self._control()
+            self._control(COSTS.rst_stream)
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
                 if not self.resets.spend(self.now):
@@ -630,7 +580,7 @@ class _Connection(asyncio.Protocol):
                 if self.going_away and not self.streams:
                     self.close()
         elif kind == GOAWAY:
-            self._control()
+            self._control(COSTS.goaway)
             self.going_away = True
             if not self.streams:
                 self.close()
@@ -638,7 +588,7 @@ class _Connection(asyncio.Protocol):
             raise _ConnectionError(PROTOCOL_ERROR, "clients cannot push")
         else:
             # PRIORITY and unknown frame types are ignored, as RFC 9113 requires.
-            self._control()
+            self._control(COSTS.ignored_frame)
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
@@ -651,7 +601,7 @@ class _Connection(asyncio.Protocol):
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
             raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
-        self._control()
+        self._control(COSTS.settings)
         if flags & ACK:
             return
         if len(payload) % 6:
@@ -685,7 +635,7 @@ class _Connection(asyncio.Protocol):
         if len(payload) != 4:
             raise _ConnectionError(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        self._control()
+        self._control(COSTS.window_update)
         if stream_id == 0:
             if increment == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
@@ -719,13 +669,13 @@ class _Connection(asyncio.Protocol):
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream:
                 raise _ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
-            self._control()
+            self._control(COSTS.late_frame)
             return  # a stream we already answered (or reset): drop the rest of its upload
         body = self._unpad(flags, payload)
         if not body and not flags & END_STREAM:
-            self._control()
+            self._control(COSTS.empty_data)
         if stream.local_closed:
-            self._control()
+            self._control(COSTS.late_frame)
             return
         stream.data += body
         self.buffered += len(body)
@@ -740,7 +690,7 @@ class _Connection(asyncio.Protocol):
                 message = "too many unfinished Subscribe requests on this connection"
                 self.send_trailers(stream, "RESOURCE_EXHAUSTED", message)
                 return
-        if len(stream.data) > limit + 5:
+        if len(stream.data) > limit + PREFIX:
             self._release(stream)
             self.send_trailers(
                 stream, "RESOURCE_EXHAUSTED", f"request larger than the limit of {limit} bytes"
@@ -784,7 +734,7 @@ class _Connection(asyncio.Protocol):
             return cached
         # Decoding from scratch costs CPU in proportion to the block (indexed references to
         # a large table entry inflate up to OUR_MAX_HEADER_LIST): charge it to the budget.
-        self._control(1.0 + len(block) / DECODE_UNIT)
+        self._control(COSTS.header_block(len(block)))
         table = self.decoder.header_table
         entries = table.dynamic_entries
         before = (len(entries), entries[0] if entries else None, table.maxsize)
@@ -818,10 +768,10 @@ class _Connection(asyncio.Protocol):
                 stream.remote_closed = True
                 self._dispatch(stream)
             else:
-                self._control()
+                self._control(COSTS.late_frame)
             return
         if stream_id <= self.last_stream:
-            self._control()
+            self._control(COSTS.late_frame)
             return  # a stream we already answered or reset: what follows is moot
         self.last_stream = stream_id
         if self.going_away or len(self.streams) >= OUR_MAX_STREAMS:
@@ -839,32 +789,32 @@ class _Connection(asyncio.Protocol):
         self.streams[stream_id] = stream
         stream.remote_closed = bool(flags & END_STREAM)
         if headers.get(b":method") != b"POST":
-            self._control()
+            self._control(COSTS.refused_call)
             self._http_error(stream, b"405")
             return
         content_type = headers.get(b"content-type", b"")
         if not (content_type == b"application/grpc" or content_type.startswith(
             (b"application/grpc+", b"application/grpc;")
         )):  # fmt: skip
-            self._control()
+            self._control(COSTS.refused_call)
             self._http_error(stream, b"415")
             return
         if not method:
-            self._control()
+            self._control(COSTS.refused_call)
             self.send_trailers(stream, "UNIMPLEMENTED", f"unknown method {path.decode('latin-1')}")
             return
         if method is _HEALTH_CHECK or method is _HEALTH_WATCH:
-            self._control()  # probes ask every few seconds; nobody needs more
+            self._control(COSTS.health_call)
         else:
             try:
                 # Refuse a call whose token is wrong now, before buffering any of its request.
                 self.service.admit(method, bearer)
             except core.CoreError as err:
-                self._control()
+                self._control(COSTS.refused_call)
                 self.send_trailers(stream, err.code, err.message)
                 return
             if method == "Subscribe" and self.owner.open_joins and not self.joins.spend(self.now):
-                self._control()
+                self._control(COSTS.refused_call)
                 message = "too many Subscribe calls on this connection; retry later"
                 self.send_trailers(stream, "UNAVAILABLE", message)
                 return
@@ -883,43 +833,15 @@ class _Connection(asyncio.Protocol):
     def _request(self, stream: _Stream) -> bytes:
         body = stream.data
         self._release(stream)
-        if len(body) < 5:
-            raise _CallError("INVALID_ARGUMENT", "expected one request message, got none")
-        length = int.from_bytes(body[1:5], "big")
-        if len(body) != 5 + length:
-            raise _CallError("INVALID_ARGUMENT", "expected exactly one request message")
-        message = bytes(body[5:])
-        flag = body[0]
-        if flag == 0:
-            return message
-        if flag != 1:
-            raise _CallError("INTERNAL", f"invalid compressed-flag byte {flag}")
-        encoding = (stream.encoding or b"identity").decode("latin-1")
-        if encoding in ("gzip", "deflate"):
-            # Inflate at most the limit of the call (a gzip bomb stops there): unauthenticated
-            # calls (Subscribe, health) are small; the rest is bounded by max_message_bytes.
-            limit = self.max_message if stream.method in _AUTHENTICATED else MAX_SUBSCRIBE_REQUEST
-            inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-            try:
-                plain = inflater.decompress(message, limit + 1)
-            except zlib.error as err:
-                raise _CallError("INTERNAL", f"cannot decompress the request: {err}") from None
-            if len(plain) > limit:
-                raise _CallError(
-                    "RESOURCE_EXHAUSTED", f"decompressed request over the limit of {limit} bytes"
-                )
-            if not inflater.eof or inflater.unused_data:
-                raise _CallError("INTERNAL", f"truncated or trailing {encoding} data")
-            return plain
-        if encoding == "identity":
-            raise _CallError("INTERNAL", "compressed message without grpc-encoding")
-        raise _CallError("UNIMPLEMENTED", f"unsupported grpc-encoding {encoding}")
+        # Unauthenticated calls (Subscribe, health) are small; the rest is bounded by
+        # max_message_bytes, also once inflated.
+        limit = self.max_message if stream.method in _AUTHENTICATED else MAX_SUBSCRIBE_REQUEST
+        return decode_request(body, stream.encoding, limit)
 
     def _dispatch(self, stream: _Stream) -> None:
         if stream.local_closed:
             return
-        control = self.control
-        control.level = control.level - CALL_CREDIT if control.level > CALL_CREDIT else 0.0
+        self.control.earn(COSTS.call_credit)
         try:
             message = self._request(stream)
             if stream.method is _HEALTH_CHECK or stream.method is _HEALTH_WATCH:
@@ -935,7 +857,7 @@ class _Connection(asyncio.Protocol):
                     stream.worker_id = worker_id
                 return
             response = self.service.unary(stream.method, message, stream.bearer)
-        except (_CallError, core.CoreError) as err:
+        except (CallError, core.CoreError) as err:
             self.send_trailers(stream, err.code, err.message)
             return
         except Exception:
@@ -950,11 +872,11 @@ class _Connection(asyncio.Protocol):
         try:
             name = health.check_request(message)
         except ValueError as err:
-            raise _CallError("INVALID_ARGUMENT", str(err)) from None
+            raise CallError("INVALID_ARGUMENT", str(err)) from None
         status = health.status(name)
         if stream.method is _HEALTH_CHECK:
             if status is None:
-                raise _CallError("NOT_FOUND", f"unknown service {name!r}")
+                raise CallError("NOT_FOUND", f"unknown service {name!r}")
             self.send_message(stream, health.response(status))
             self.send_trailers(stream, "OK", "")
             return
