@@ -21,10 +21,7 @@ The pure maths (noise, shaping, optimizer steps, ask/tell) lives in
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
+from ._moved import forwarding_getattr
 from .codec import (
     NoiseMismatchError,
     StateDecodeError,
@@ -84,13 +81,4 @@ _FORWARDED = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    module = _FORWARDED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evochi_torch' has no attribute {name!r}")
-    warnings.warn(
-        f"evochi_torch.{name} is not part of the package's face; import it from {module}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(module), name)
+__getattr__ = forwarding_getattr(__name__, _FORWARDED)

@@ -20,14 +20,13 @@ center optimizer) are here for the worker and the tests, outside ``__all__``.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
+from ._moved import forwarding_getattr
 from .config import ESConfig
 from .noise import (
     Members,
@@ -82,17 +81,7 @@ _FORWARDED = {
 }  # fmt: skip
 
 
-def __getattr__(name: str) -> Any:
-    module = _FORWARDED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'evochi_torch.functional' has no attribute {name!r}")
-    warnings.warn(
-        f"evochi_torch.functional.{name} is not part of the functional namespace; "
-        f"import it from {module}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(module), name)
+__getattr__ = forwarding_getattr(__name__, _FORWARDED)
 
 
 def epoch_offsets(
