@@ -266,6 +266,10 @@ class Worker(abc.ABC, Generic[S]):
         # under load) milliseconds on the epoch's critical path: encode on the event loop
         # while the last encoding was this quick.
         self._encode_inline = False
+        # The digest of the current state, once computed: a sharer sends the digest of the
+        # state it just reported after its update, and hashing a large state twice costs
+        # real time. Cleared whenever the state is replaced.
+        self._digested: tuple[Any, bytes] | None = None
         # Held by the thread of a plain hook while it runs; see _call_hook.
         self._hook_lock = threading.Lock()
 
@@ -346,6 +350,7 @@ class Worker(abc.ABC, Generic[S]):
         `on_state_change`. For using a worker without a server (evaluating a checkpoint,
         stepping a training by hand, tests); a connected worker's state is the server's."""
         self._state = state
+        self._digested = None
         self.on_state_change(state)
 
     def state_digest(self, state: S) -> bytes | None:
@@ -709,8 +714,12 @@ class Worker(abc.ABC, Generic[S]):
     async def _digest(self, state: S) -> bytes:
         if type(self).state_digest is Worker.state_digest:
             return b""
-        digest = await asyncio.to_thread(self.state_digest, state)
-        return bytes(digest or b"")
+        cached = self._digested
+        if cached is not None and cached[0] is state:
+            return cached[1]
+        digest = bytes(await asyncio.to_thread(self.state_digest, state) or b"")
+        self._digested = (state, digest)
+        return digest
 
     async def _adopt(self, blob: bytes, epoch: int) -> None:
         """Replaces this worker's state by the training's, which the server sent because
@@ -725,6 +734,7 @@ class Worker(abc.ABC, Generic[S]):
 
     async def _set_state(self, state: S) -> None:
         self._state = state
+        self._digested = None  # a hook may have changed a state object in place
         if type(self).on_state_change is not Worker.on_state_change:
             await self._call_hook(self.on_state_change, state)
 
