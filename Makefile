@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.transport
 	$(PY) -m benchmarks.adversarial
 	$(PY) -m benchmarks.es_update
+	$(PY) -m benchmarks.portable_update
 	$(PY) -m benchmarks.population_forward
 	$(PY) -m benchmarks.cartpole_solve
 
