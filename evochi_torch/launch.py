@@ -5,6 +5,10 @@ crash (or a CUDA error) takes down one worker, never the server or its peers. Pr
 are started with the "spawn" method because forking a process that already runs torch
 threads or a CUDA context is unsafe.
 
+`train_workers` runs a training with either kind of workers behind one `Supervisor` interface:
+these local processes (`WorkerProcesses`) or Ray actors (`evochi_torch.ray.RayWorkers`); the
+signal policy is `run_until_signalled` for both.
+
 Worker processes never outlive their launcher: SIGTERM, SIGHUP (and Ctrl-C) make the
 launcher stop them, and each one also watches its parent (Linux parent-death signal, and
 the parent's sentinel pipe everywhere), so even a launcher killed by SIGKILL takes its
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import importlib
 import inspect
 import logging
@@ -32,7 +37,7 @@ import traceback
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from evochi.v1.errors import EvochiError, ServerGoneError
 
@@ -155,12 +160,21 @@ def parse_devices(spec: str) -> list[str]:
     return devices
 
 
+def place(devices: str, workers: int | None = None) -> list[str]:
+    """One device per local worker: `workers` of them (default: one per device) spread
+    round-robin over the devices that `parse_devices` reads from `devices`."""
+    parsed = parse_devices(devices)
+    return spread(parsed, workers or len(parsed))
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything a child process needs to build and run one worker (picklable).
 
     `target` is "module:Class"; the class is constructed as
     ``cls(address, cores, device=..., reconnect=..., join_token=..., **kwargs)``.
+    ``threads=None``: the supervisor picks (`default_threads` for local processes, the
+    actor's CPUs for Ray).
     """
 
     target: str
@@ -299,6 +313,22 @@ class WorkerExit:
         return f"worker {self.index} on {self.device} {how}"
 
 
+class Supervisor(Protocol):
+    """A started group of workers, local processes or Ray actors: what `train_workers` and
+    `serve_workers` need of them."""
+
+    exits: list[WorkerExit]
+    grace: float
+
+    async def supervise(self) -> list[WorkerExit]:
+        """Waits until every worker has ended for good; returns how each ended."""
+        ...
+
+    def stop(self) -> None:
+        """Ends every worker (each leaves the training first), blocking up to ~`grace` s."""
+        ...
+
+
 class WorkerProcesses:
     """A supervised group of worker processes, one per entry of `devices`.
 
@@ -315,6 +345,8 @@ class WorkerProcesses:
         restart: bool = False,
         grace: float = 5.0,
     ) -> None:
+        if spec.threads is None:
+            spec = dataclasses.replace(spec, threads=default_threads(len(devices)))
         self.spec = spec
         self.address = address
         self.devices = list(devices)
@@ -427,6 +459,95 @@ def early_stop_hook(
     return epoch_hook, stop_early
 
 
+StartWorkers = Callable[[WorkerSpec, Any], Awaitable[Supervisor]]
+"""Starts the workers of a training, given their spec and the running `EmbeddedServer`."""
+
+
+async def start_processes(
+    spec: WorkerSpec, server: Any, devices: Sequence[str], *, restart: bool = False
+) -> WorkerProcesses:
+    """`StartWorkers` for local processes: one per entry of `devices` (see `functools.partial`)."""
+    return WorkerProcesses(spec, server.address, devices, restart=restart).start()
+
+
+async def serve_workers(workers: Supervisor) -> list[WorkerExit]:
+    """Supervises `workers` (serving a remote server) until they all end, or until cancelled
+    (Ctrl-C, or a signal under `run_until_signalled`); stops them either way."""
+    try:
+        return await workers.supervise()
+    finally:
+        # In a thread: a blocking stop must not hold up the loop (and a server on it).
+        await asyncio.to_thread(workers.stop)
+
+
+async def train_workers(
+    spec: WorkerSpec,
+    server_config: Any,
+    start: StartWorkers,
+    *,
+    on_epoch: Callable[[Any], Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    server_kwargs: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Runs an embedded server and the workers that `start(spec, server)` starts until the
+    training ends: max epochs reached, `on_epoch` returned True (stop early), or every
+    worker ended for good (a RuntimeError).
+
+    `on_epoch(summary)` may be sync or async; it runs in this process with the server's
+    `EpochSummary` (epoch, rewards, the new state's bytes...). `server_kwargs` go to
+    `EmbeddedServer` (e.g. a resumed training's start state).
+    """
+    from evochi.server import EmbeddedServer
+
+    epoch_hook, stop_early = early_stop_hook(on_epoch)
+    started = time.perf_counter()
+    async with EmbeddedServer(
+        server_config, host=host, port=port, on_epoch=epoch_hook, **(server_kwargs or {})
+    ) as server:
+        workers = await start(spec, server)
+        try:
+            epochs, stopped_early = await _race(server, workers, stop_early)
+        finally:
+            # In a thread: the server must keep serving while the workers leave.
+            await asyncio.to_thread(workers.stop)
+    crashed = [e for e in workers.exits if e.exitcode not in (0, None)]
+    return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)
+
+
+async def _race(server: Any, workers: Supervisor, stop_early: asyncio.Event) -> tuple[int, bool]:
+    """Waits for the first of: the training finished, an early stop, every worker gone.
+    Returns (the last completed epoch, whether it stopped early)."""
+    finished = asyncio.ensure_future(server.wait_finished())
+    early = asyncio.ensure_future(stop_early.wait())
+    supervised = asyncio.ensure_future(workers.supervise())
+    waiters = {finished, early, supervised}
+    try:
+        await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
+        clean = all(e.exitcode == 0 for e in workers.exits)
+        if supervised.done() and not finished.done() and clean:
+            # Workers told to stop at max_epochs end while the server may still be running
+            # its last on_epoch callbacks: that is a finish, not a crash.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(finished), timeout=60)
+        stopped_early = early.done() and not finished.done()
+        all_gone = supervised.done() and not (finished.done() or early.done())
+    finally:
+        for task in waiters:
+            task.cancel()
+    if all_gone:
+        raise RuntimeError(
+            "every worker ended before the training finished: "
+            + "; ".join(e.describe() for e in workers.exits)
+        )
+    if stopped_early:
+        # Workers get stop and leave by themselves; `stop` only ends stragglers.
+        await server.stop_training()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(workers.supervise(), timeout=workers.grace)
+    return server.epoch, stopped_early  # after an early stop: the last completed epoch
+
+
 async def train_processes(
     spec: WorkerSpec,
     server_config: Any,
@@ -438,55 +559,16 @@ async def train_processes(
     restart: bool = False,
     server_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Runs an embedded server and one worker process per entry of `devices` until the
-    training ends: max epochs reached, `on_epoch` returned True (stop early), or every
-    worker died.
-
-    `on_epoch(summary)` may be sync or async; it runs in this process with the
-    server's `EpochSummary` (epoch, rewards, the new state's bytes...).
-    `server_kwargs` go to `EmbeddedServer` (e.g. a resumed training's start state).
-    """
-    from evochi.server import EmbeddedServer
-
-    epoch_hook, stop_early = early_stop_hook(on_epoch)
-
-    started = time.perf_counter()
-    async with EmbeddedServer(
-        server_config, host=host, port=port, on_epoch=epoch_hook, **(server_kwargs or {})
-    ) as server:
-        spec = dataclasses.replace(spec, threads=spec.threads or default_threads(len(devices)))
-        with WorkerProcesses(spec, server.address, devices, restart=restart) as procs:
-            finished = asyncio.ensure_future(server.wait_finished())
-            early = asyncio.ensure_future(stop_early.wait())
-            supervised = asyncio.ensure_future(procs.supervise())
-            waiters = {finished, early, supervised}
-            await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
-            if (
-                supervised.done()
-                and not finished.done()
-                and all(e.exitcode == 0 for e in procs.exits)
-            ):
-                # Workers told to stop at max_epochs exit while the server may still be
-                # running its last on_epoch callbacks: that is a finish, not a crash.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(finished), timeout=60)
-            stopped_early = early.done() and not finished.done()
-            all_dead = supervised.done() and not (finished.done() or early.done())
-            for task in waiters:
-                task.cancel()
-            if all_dead:
-                raise RuntimeError(
-                    "every worker process ended before the training finished: "
-                    + "; ".join(e.describe() for e in procs.exits)
-                )
-            if stopped_early:
-                # Workers get stop and leave by themselves; SIGTERM only for stragglers.
-                await server.stop_training()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(procs.supervise(), timeout=procs.grace)
-            epochs = server.epoch  # after an early stop: the last completed epoch
-    crashed = [e for e in procs.exits if e.exitcode not in (0, None)]
-    return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)
+    """`train_workers` with one local worker process per entry of `devices`."""
+    return await train_workers(
+        spec,
+        server_config,
+        functools.partial(start_processes, devices=devices, restart=restart),
+        on_epoch=on_epoch,
+        host=host,
+        port=port,
+        server_kwargs=server_kwargs,
+    )
 
 
 def __getattr__(name: str) -> Any:

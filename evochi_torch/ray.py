@@ -1,5 +1,8 @@
 """Worker actors placed by Ray: `evochi-torch worker|train ... --ray auto|local|ADDRESS`.
 
+`RayWorkers` is a `evochi_torch.launch.Supervisor` like the local `WorkerProcesses`: the
+same `train_workers` race and the same signal policy serve both.
+
 Each actor runs one `TorchESWorker` (a "module:Class" that every node can import) and joins
 an evochi server like any worker process would. Ray decides where the actors run, gives
 each its GPU (`--gpus-per-worker`) or CPUs, and restarts an actor whose process dies (a
@@ -20,30 +23,29 @@ never by `import evochi_torch`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
-import signal
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from evochi.errors import EvochiError
-from evochi_torch.launch import TrainResult, WorkerExit, WorkerSpec, early_stop_hook, load_class
+from evochi_torch.launch import TrainResult, WorkerExit, WorkerSpec, load_class, train_workers
 
 __all__ = [
     "RayMissingError",
     "RayPlacement",
     "RayWorkers",
-    "add_ray_flags",
+    "check_reachable",
     "connect",
+    "start_for_server",
     "start_workers",
     "train_ray",
 ]
@@ -77,9 +79,14 @@ class RayPlacement:
     """
 
     num_workers: int
+    """worker actors to start"""
     gpus_per_worker: float = 0.0
+    """GPUs Ray reserves per actor; fractions share a GPU (0.5: two per GPU); an actor with a
+    GPU evaluates on it"""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per actor"""
     max_restarts: int = -1
+    """how often Ray restarts each actor after its process died; -1: always"""
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0:
@@ -322,6 +329,19 @@ def _advertised_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+async def start_for_server(
+    spec: WorkerSpec, server: Any, placement: RayPlacement, host: str = "127.0.0.1"
+) -> RayWorkers:
+    """`evochi_torch.launch.StartWorkers` for Ray actors that join the embedded `server`
+    listening on `host` (connects to Ray first unless this process already is: a private
+    local instance)."""
+    ray = _ray()
+    if not ray.is_initialized():
+        await asyncio.to_thread(connect, "local")
+    address = _advertised_address(host, server.port)
+    return await asyncio.to_thread(start_workers, spec, address, placement)
+
+
 async def train_ray(
     spec: WorkerSpec,
     server_config: Any,
@@ -332,161 +352,24 @@ async def train_ray(
     port: int = 0,
     server_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Like `evochi_torch.launch.train_processes`, with Ray actors instead of local processes: an
+    """`evochi_torch.launch.train_workers` with Ray actors instead of local processes: an
     embedded server on this process (the Ray driver) and `placement.num_workers` actors,
     until max epochs, `on_epoch` returning True, or every actor gone for good.
 
     Connect to Ray first (`connect`), else a private local instance is started.
     """
-    from evochi.server import EmbeddedServer
-
-    ray = _ray()
-    if not ray.is_initialized():
-        await asyncio.to_thread(connect, "local")
-    epoch_hook, stop_early = early_stop_hook(on_epoch)
-
-    started = time.perf_counter()
-    async with EmbeddedServer(
-        server_config, host=host, port=port, on_epoch=epoch_hook, **(server_kwargs or {})
-    ) as server:
-        address = _advertised_address(host, server.port)
-        workers = await asyncio.to_thread(start_workers, spec, address, placement)
-        try:
-            finished = asyncio.ensure_future(server.wait_finished())
-            early = asyncio.ensure_future(stop_early.wait())
-            supervised = asyncio.ensure_future(workers.supervise())
-            waiters = {finished, early, supervised}
-            await asyncio.wait(waiters, return_when="FIRST_COMPLETED")
-            if supervised.done() and not finished.done():
-                # Actors told to stop at max_epochs end while the server may still be
-                # running its last on_epoch callbacks: that is a finish.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(finished), timeout=60)
-            stopped_early = early.done() and not finished.done()
-            all_gone = supervised.done() and not (finished.done() or early.done())
-            for task in waiters:
-                task.cancel()
-            if all_gone:
-                raise RuntimeError("every Ray worker actor ended before the training finished")
-            if stopped_early:
-                await server.stop_training()
-            epochs = server.epoch
-        finally:
-            # In a thread: the server must keep serving while the actors leave.
-            await asyncio.to_thread(workers.stop)
-    crashed = [e for e in workers.exits if e.exitcode not in (0, None)]
-    return TrainResult(epochs, time.perf_counter() - started, stopped_early, crashed)
-
-
-# --------------------------------------------------------------------------- command line
-def add_ray_flags(parser: argparse.ArgumentParser) -> None:
-    """The `--ray` flags of `evochi-torch train` and `evochi-torch worker`."""
-    group = parser.add_argument_group(
-        "Ray (pip install 'evochi[ray]'): worker actors placed by a Ray cluster"
-    )
-    group.add_argument(
-        "--ray",
-        metavar="auto|local|ADDRESS",
-        default=None,
-        help="start the workers as Ray actors: 'auto' joins the Ray cluster of this "
-        "machine (RAY_ADDRESS or `ray start`), 'local' starts a private one, ADDRESS is "
-        "a cluster's HOST:6379 or ray://HOST:10001. Actors whose process dies are "
-        "restarted by Ray and join again. Default: no Ray",
-    )
-    group.add_argument(
-        "--num-workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="worker actors to start (with --ray; required there)",
-    )
-    group.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=0.0,
-        metavar="G",
-        help="GPUs Ray reserves per actor; fractions share a GPU (0.5: two per GPU). "
-        "An actor with a GPU evaluates on it. Default: 0 (CPU)",
-    )
-    group.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        default=1.0,
-        metavar="C",
-        help="CPUs Ray reserves per actor (also its torch threads unless --threads). Default: 1",
+    return await train_workers(
+        spec,
+        server_config,
+        functools.partial(start_for_server, placement=placement, host=host),
+        on_epoch=on_epoch,
+        host=host,
+        port=port,
+        server_kwargs=server_kwargs,
     )
 
 
-def placement_from_args(args: argparse.Namespace) -> RayPlacement:
-    """Checks the `--ray` flags and connects to Ray.
-
-    Raises ValueError (bad flags), RayMissingError or ConnectionError with a message for the user.
-    """
-    if args.num_workers is None:
-        raise ValueError("--ray needs --num-workers N")
-    if args.devices != "cpu":
-        raise ValueError(
-            "--devices does not apply with --ray (Ray assigns devices); use --gpus-per-worker"
-        )
-    if args.restart:
-        log.info("--restart is implied with --ray: Ray restarts actors whose process died")
-    placement = RayPlacement(
-        args.num_workers, args.gpus_per_worker, args.cpus_per_worker, max_restarts=-1
-    )
-    connect(args.ray)
-    if args.command == "train":
-        _advertised_address(args.host, args.port)  # a multi-node cluster needs --host
-    return placement
-
-
-def run_cli(args: argparse.Namespace, spec: WorkerSpec) -> int:
-    """`evochi-torch worker ... --ray ...` with `spec`'s workers, after the common flags were
-    checked.
-
-    (`evochi-torch train --ray` goes through the harness with `placement_from_args`, so that a
-    Ray training leaves a run directory like any other.)
-    """
-    try:
-        placement = placement_from_args(args)
-    except (ValueError, RayMissingError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # while Ray starts; afterwards signals are handled in _cli_main
-        print("interrupted", file=sys.stderr)
-        return 130
-    return asyncio.run(_cli_main(args, spec, placement))
-
-
-async def _until_signal(work: Any) -> int | None:
-    """Runs `work` until it ends (None) or SIGINT/SIGTERM arrives (the exit code)."""
-    loop = asyncio.get_running_loop()
-    got: list[int] = []
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, lambda s=signum: (got.append(s), stop.set()))
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({task, waiter}, return_when="FIRST_COMPLETED")
-    waiter.cancel()
-    if task.done():
-        task.result()
-        return None
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return 128 + got[0]
-
-
-async def _cli_main(args: argparse.Namespace, spec: WorkerSpec, placement: RayPlacement) -> int:
-    workers = await asyncio.to_thread(start_workers, spec, args.server, placement)
-    try:
-        code = await _until_signal(workers.supervise())
-    finally:
-        await asyncio.to_thread(workers.stop)
-    if code is not None:
-        print("interrupted; Ray workers stopped", file=sys.stderr)
-        return code
-    failed = [e for e in workers.exits if e.exitcode != 0]
-    for e in failed:
-        print(f"error: Ray worker {e.index} ended with an error (see above)", file=sys.stderr)
-    return 1 if failed else 0
+def check_reachable(host: str) -> None:
+    """Raises ValueError when actors on other nodes could not reach a server bound to `host`
+    (a loopback address on a multi-node cluster). Needs a Ray connection."""
+    _advertised_address(host, 0)

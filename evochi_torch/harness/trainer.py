@@ -4,9 +4,9 @@
     result = train(CartPole, max_epochs=50, workers=2)      # -> runs/CartPole-s0/
     # the same again: -> runs/CartPole-s0-20261207-141500/ (the first run is kept)
 
-`Trainer` puts small parts together around `evochi_torch.launch.train_processes` (embedded
-server + worker processes): a `RunDir` of its own (checkpoints, config; no training writes into
-another run's directory, see `rundir`), loggers (metrics.csv and the optional
+`Trainer` puts small parts together around `evochi_torch.launch.train_workers` (embedded
+server + worker processes or Ray actors): a `RunDir` of its own (checkpoints, config; no
+training writes into another run's directory, see `rundir`), loggers (metrics.csv and the optional
 TensorBoard/wandb), progress lines, an optional center evaluation by the worker class's
 `evaluate_center(policy) -> float`, stopping rules (epochs, env-step budget, target score) and
 resume from the run's last checkpoint, bit-identical to an uninterrupted training.
@@ -21,7 +21,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,14 @@ import torch
 from ..codec import TorchESState, decode_state, encode_state, load_checkpoint, save_checkpoint
 from ..config import ESConfig
 from ..launch import (
+    Supervisor,
     WorkerExit,
     WorkerSpec,
     class_path,
     load_class,
-    parse_devices,
-    spread,
-    train_processes,
+    place,
+    start_processes,
+    train_workers,
 )
 from ..ray import RayPlacement
 from .loggers import Logger, make_loggers, read_metrics
@@ -93,6 +94,7 @@ class RunConfig:
     name: str | None = None
     """run directory name under runs_dir (default <Class>-s<seed>); taken: start time appended"""
     runs_dir: Path = Path("runs")
+    """the directory that holds the runs named by `name`"""
     run_dir: Path | None = None
     """the run directory itself (overrides runs_dir/name); must be empty, unless resume/overwrite"""
     resume: Path | None = None
@@ -104,15 +106,25 @@ class RunConfig:
     quiet: bool = False
     """no per-epoch progress lines"""
     workers: int = 2
+    """worker processes on this machine, spread round-robin over the devices; 0: one per device"""
     devices: str = "cpu"
+    """where workers evaluate: "cpu", a list like "cuda:0,cuda:1", or "all" (every visible GPU,
+    else the CPU)"""
     cores: int | None = None
+    """members one worker evaluates per task (its batch size); None in a training: population /
+    workers"""
     threads: int | None = None
+    """torch threads per worker process; None: CPU cores / local workers"""
     host: str = "127.0.0.1"
+    """the embedded server's address to bind; 0.0.0.0 lets remote workers join too"""
     port: int = 0
+    """the embedded server's port; 0: a free one"""
     worker_timeout: float = 60.0
     """task/heartbeat deadline in seconds; a missed task deadline doubles the next, up to 16x"""
     restart: bool = False
+    """restart worker processes that crash (they rejoin the training)"""
     log_level: str = "WARNING"
+    """logging level of this process and its workers"""
     ray: RayPlacement | None = None
     """workers as Ray actors instead of local processes (Ray connects to `RAY_ADDRESS` when set,
     else starts a private local instance; `evochi_torch.ray.connect` first picks another)"""
@@ -233,6 +245,14 @@ class Trainer:
             )
         if self.run.checkpoint_every < 1:
             raise ValueError("checkpoint_every must be >= 1")
+        # Where the local worker processes run (none with Ray: it places its actors).
+        self.devices: list[str] = (
+            [] if self.run.ray is not None else place(self.run.devices, self.run.workers or None)
+        )
+        if self.run.ray is None and self.run.workers != len(self.devices):
+            # config.json records how many worker processes ran, not "one per device".
+            self.run = dataclasses.replace(self.run, workers=len(self.devices))
+        self.workers = len(self.devices) if self.run.ray is None else self.run.ray.num_workers
 
     # ------------------------------------------------------------------ pieces
     def _check_placement(self) -> None:
@@ -317,20 +337,10 @@ class Trainer:
         from evochi.server import ServerConfig
 
         run, config = self.run, self.config
-        # In this process: the center evaluation and the env-step bound.
-        evaluator = offline_worker(self.cls, config=config, **self.worker_kwargs)
-        can_eval = callable(getattr(evaluator, "evaluate_center", None)) and run.eval_every > 0
-        if run.target is not None and not can_eval:
-            raise ValueError(
-                f"--target needs a center evaluation: {self.cls.__name__} has no "
-                "evaluate_center(policy) -> float (or --eval-every is 0)"
-            )
-        bound = getattr(evaluator, "max_env_steps", None)
-        devices = spread(parse_devices(run.devices), run.workers or 1)
-        workers = run.ray.num_workers if run.ray is not None else len(devices)
+        book = EpochBook(self, run_dir, rows, loggers)
         spec = WorkerSpec(
             self.target,
-            run.cores or -(-config.population_size // workers),
+            run.cores or -(-config.population_size // self.workers),
             {"config": config, **self.worker_kwargs},
             run.threads,
             log_level=run.log_level,
@@ -340,145 +350,164 @@ class Trainer:
         server_config = ServerConfig(
             population_size=config.population_size, worker_timeout=run.worker_timeout
         )
-        last = rows[-1] if rows else None
-        start_epoch = self.resumed.epoch if self.resumed is not None else 0
-        stats0 = self.resumed.extra.get("stats_env_steps", 0) if self.resumed else 0
-        counted = {"train_steps": (last["env_steps"] - stats0) if last and last["env_steps"]
-                   is not None else 0}  # fmt: skip
-        clock = {"offset": float(last["seconds"]) if last else 0.0, "started": 0.0}
-        best = {"score": max((r["center_score"] for r in rows if r["center_score"] is not None),
-                             default=None)}  # fmt: skip
-        latest: dict[int, TorchESState] = {}
-        outcome: dict[str, Any] = {"done": False, "by": "interrupted"}
-
-        def on_epoch(summary: Any) -> bool:
-            if outcome["done"]:
-                return True  # an epoch that finished while the stop was on its way
-            try:
-                return record_epoch(summary)
-            except Exception as exc:
-                # The server would log and go on; a training whose records fail must stop.
-                outcome.update(done=True, by="error", error=exc)
-                return True
-
-        def record_epoch(summary: Any) -> bool:
-            now = time.perf_counter()
-            if not clock["started"]:
-                # Training time starts with the first epoch: process start-up is not training.
-                clock["started"] = now - summary.seconds
-            state = decode_state(summary.state)
-            latest.clear()
-            latest[summary.epoch] = state
-            rewards = np.asarray(summary.rewards, dtype=np.float64)
-            exact_steps = _summary_env_steps(
-                summary, None if bound is None else bound() / config.population_size
-            )
-            epoch_steps = None
-            env_steps = None
-            if exact_steps is not None:
-                epoch_steps = exact_steps[0]
-                counted["train_steps"] += epoch_steps
-                env_steps = counted["train_steps"] + state.extra.get("stats_env_steps", 0)
-            seconds = max(summary.seconds, 1e-9)
-            row: dict[str, Any] = {
-                "epoch": summary.epoch,
-                "seconds": round(clock["offset"] + now - clock["started"], 3),
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()),
-                "reward_min": float(rewards.min()),
-                "reward_max": float(rewards.max()),
-                "env_steps": env_steps,
-                "env_steps_exact": None if exact_steps is None else int(exact_steps[1]),
-                "center_score": None,
-                "steps_per_s": None if epoch_steps is None else round(epoch_steps / seconds),
-                "members_per_s": round(len(rewards) / seconds, 1),
-            }
-            # Stop before an epoch like this one would overrun the budget.
-            over_budget = (
-                run.env_steps is not None
-                and env_steps is not None
-                and env_steps + (env_steps - (rows[-1]["env_steps"] if rows else 0)) > run.env_steps
-            )
-            at_max = run.max_epochs is not None and summary.epoch >= run.max_epochs
-            if can_eval and (summary.epoch % run.eval_every == 0 or over_budget or at_max):
-                attach_state(evaluator, state)
-                score = float(evaluator.evaluate_center(evaluator.center_policy()))
-                if not math.isfinite(score):
-                    raise ValueError(f"evaluate_center returned {score}")
-                row["center_score"] = score
-                if best["score"] is None or score > best["score"]:
-                    best["score"] = score
-                    save_checkpoint(run_dir.best, state)
-            rows.append(row)
-            for logger in loggers:
-                logger.log(row)
-            score = row["center_score"]
-            reached = run.target is not None and score is not None and score >= run.target
-            if over_budget or at_max or reached:
-                outcome.update(done=True, by="target" if reached else
-                               "env_steps" if over_budget else "max_epochs")  # fmt: skip
-            if not run.quiet:
-                print(progress_line(row, self._budget_done(row)), flush=True)
-            if outcome["done"] or summary.epoch % run.checkpoint_every == 0:
-                save_checkpoint(run_dir.checkpoint, state)
-                plot_curve(rows, run_dir.curve, f"{self.cls.__name__} (seed {config.seed})")
-            return bool(outcome["done"])
-
         # A resumed training: the server starts from the checkpoint, at the next epoch.
         server_kwargs = (
             {}
             if self.resumed is None
-            else {"initial_state": encode_state(self.resumed), "start_epoch": start_epoch + 1}
+            else {"initial_state": encode_state(self.resumed), "start_epoch": book.start_epoch + 1}
         )
         try:
-            if run.ray is not None:
-                from evochi_torch.ray import train_ray  # Ray is an optional extra
-
-                result = await train_ray(
-                    spec,
-                    server_config,
-                    run.ray,
-                    on_epoch=on_epoch,
-                    host=run.host,
-                    port=run.port,
-                    server_kwargs=server_kwargs,
-                )
-            else:
-                result = await train_processes(
-                    spec,
-                    server_config,
-                    devices,
-                    on_epoch=on_epoch,
-                    host=run.host,
-                    port=run.port,
-                    restart=run.restart,
-                    server_kwargs=server_kwargs,
-                )
+            result = await train_workers(
+                spec,
+                server_config,
+                self._start_workers,
+                on_epoch=book.on_epoch,
+                host=run.host,
+                port=run.port,
+                server_kwargs=server_kwargs,
+            )
         except BaseException:
-            if latest:  # keep what was trained (Ctrl-C, all workers dead)
-                save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
+            book.save_latest()  # keep what was trained (Ctrl-C, all workers dead)
             raise
-        if "error" in outcome:
-            if latest:
-                save_checkpoint(run_dir.checkpoint, next(iter(latest.values())))
-            error = outcome["error"]
-            raise RuntimeError(f"recording an epoch failed: {error!r}") from error
-        if not latest:
-            if self.resumed is None or not rows:
-                raise RuntimeError("the training ended before its first epoch")
-            latest[start_epoch] = self.resumed
-        epoch, state = next(iter(latest.items()))
-        rows = [r for r in rows if r["epoch"] <= epoch]
-        save_checkpoint(run_dir.checkpoint, state)
-        plot_curve(rows, run_dir.curve, f"{self.cls.__name__} (seed {config.seed})")
-        last = rows[-1]
+        return book.finish(result.crashed)
+
+    def _start_workers(self, spec: WorkerSpec, server: Any) -> Awaitable[Supervisor]:
+        """The run's workers around the embedded `server`: Ray actors or local processes."""
+        if self.run.ray is not None:
+            from evochi_torch.ray import start_for_server  # Ray is an optional extra
+
+            return start_for_server(spec, server, self.run.ray, self.run.host)
+        return start_processes(spec, server, self.devices, restart=self.run.restart)
+
+
+class EpochBook:
+    """What a training records epoch by epoch: the metrics rows, the env steps counted, the
+    training clock, the best center score and the latest state, and why the training stopped.
+
+    `on_epoch` is the embedded server's epoch callback (it runs in a thread: an evaluation or
+    a checkpoint must not stall the server); `finish` writes the final checkpoint and curve
+    and returns the `RunResult`."""
+
+    def __init__(
+        self, trainer: Trainer, run_dir: RunDir, rows: list[dict[str, Any]], loggers: list[Logger]
+    ) -> None:
+        self.trainer = trainer
+        self.run = trainer.run
+        self.config = trainer.config
+        self.run_dir = run_dir
+        self.rows = rows
+        self.loggers = loggers
+        # In this process: the center evaluation and the env-step bound.
+        self.evaluator = offline_worker(trainer.cls, config=self.config, **trainer.worker_kwargs)
+        self.can_eval = (
+            callable(getattr(self.evaluator, "evaluate_center", None)) and self.run.eval_every > 0
+        )
+        if self.run.target is not None and not self.can_eval:
+            raise ValueError(
+                f"--target needs a center evaluation: {trainer.cls.__name__} has no "
+                "evaluate_center(policy) -> float (or --eval-every is 0)"
+            )
+        self.bound = getattr(self.evaluator, "max_env_steps", None)
+        resumed = trainer.resumed
+        self.start_epoch = resumed.epoch if resumed is not None else 0
+        last = rows[-1] if rows else None
+        # Env steps of the training itself; the state's "stats_env_steps" (observation
+        # statistics) are added to each row's total.
+        stats0 = resumed.extra.get("stats_env_steps", 0) if resumed is not None else 0
+        counted = last is not None and last["env_steps"] is not None
+        self.train_steps = last["env_steps"] - stats0 if counted else 0
+        self.clock_offset = float(last["seconds"]) if last else 0.0
+        self.clock_started = 0.0
+        scores = [r["center_score"] for r in rows if r["center_score"] is not None]
+        self.best_score: float | None = max(scores, default=None)
+        self.latest: tuple[int, TorchESState] | None = None
+        self.done = False
+        self.stopped_by = "interrupted"
+        self.error: BaseException | None = None
+
+    def on_epoch(self, summary: Any) -> bool:
+        """Records one epoch; True stops the training."""
+        if self.done:
+            return True  # an epoch that finished while the stop was on its way
+        try:
+            return self._record(summary)
+        except Exception as exc:
+            # The server would log and go on; a training whose records fail must stop.
+            self.done, self.stopped_by, self.error = True, "error", exc
+            return True
+
+    def _record(self, summary: Any) -> bool:
+        run, rows = self.run, self.rows
+        now = time.perf_counter()
+        if not self.clock_started:
+            # Training time starts with the first epoch: process start-up is not training.
+            self.clock_started = now - summary.seconds
+        state = decode_state(summary.state)
+        self.latest = (summary.epoch, state)
+        row = self._row(summary, state, now)
+        # Stop before an epoch like this one would overrun the budget.
+        env_steps = row["env_steps"]
+        over_budget = (
+            run.env_steps is not None
+            and env_steps is not None
+            and env_steps + (env_steps - (rows[-1]["env_steps"] if rows else 0)) > run.env_steps
+        )
+        at_max = run.max_epochs is not None and summary.epoch >= run.max_epochs
+        if self.can_eval and (summary.epoch % run.eval_every == 0 or over_budget or at_max):
+            row["center_score"] = self._evaluate(state)
+        rows.append(row)
+        for logger in self.loggers:
+            logger.log(row)
+        score = row["center_score"]
+        reached = run.target is not None and score is not None and score >= run.target
+        if over_budget or at_max or reached:
+            self.done = True
+            self.stopped_by = "target" if reached else "env_steps" if over_budget else "max_epochs"
         if not run.quiet:
-            score = "" if last["center_score"] is None else f" center={last['center_score']:.2f}"
-            steps = "" if last["env_steps"] is None else f" env_steps={last['env_steps']}"
-            print(f"finished epoch={last['epoch']}{steps} seconds={last['seconds']:.1f}{score} "
-                  f"({outcome['by']}); wrote {run_dir.path}/")  # fmt: skip
-        return RunResult(run_dir.path, rows, state, best["score"], str(outcome["by"]),
-                         result.crashed)  # fmt: skip
+            print(progress_line(row, self._budget_done(row)), flush=True)
+        if self.done or summary.epoch % run.checkpoint_every == 0:
+            save_checkpoint(self.run_dir.checkpoint, state)
+            self._plot()
+        return self.done
+
+    def _row(self, summary: Any, state: TorchESState, now: float) -> dict[str, Any]:
+        """The epoch's metrics row, without its center score."""
+        rewards = np.asarray(summary.rewards, dtype=np.float64)
+        bound = self.bound
+        exact_steps = _summary_env_steps(
+            summary, None if bound is None else bound() / self.config.population_size
+        )
+        epoch_steps = None
+        env_steps = None
+        if exact_steps is not None:
+            epoch_steps = exact_steps[0]
+            self.train_steps += epoch_steps
+            env_steps = self.train_steps + state.extra.get("stats_env_steps", 0)
+        seconds = max(summary.seconds, 1e-9)
+        return {
+            "epoch": summary.epoch,
+            "seconds": round(self.clock_offset + now - self.clock_started, 3),
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "reward_min": float(rewards.min()),
+            "reward_max": float(rewards.max()),
+            "env_steps": env_steps,
+            "env_steps_exact": None if exact_steps is None else int(exact_steps[1]),
+            "center_score": None,
+            "steps_per_s": None if epoch_steps is None else round(epoch_steps / seconds),
+            "members_per_s": round(len(rewards) / seconds, 1),
+        }
+
+    def _evaluate(self, state: TorchESState) -> float:
+        """The center's score; a new best is saved as best.safetensors."""
+        attach_state(self.evaluator, state)
+        score = float(self.evaluator.evaluate_center(self.evaluator.center_policy()))
+        if not math.isfinite(score):
+            raise ValueError(f"evaluate_center returned {score}")
+        if self.best_score is None or score > self.best_score:
+            self.best_score = score
+            save_checkpoint(self.run_dir.best, state)
+        return score
 
     def _budget_done(self, row: dict[str, Any]) -> float | None:
         run = self.run
@@ -487,6 +516,38 @@ class Trainer:
         if run.max_epochs:
             return row["epoch"] / run.max_epochs
         return None
+
+    def _plot(self, rows: list[dict[str, Any]] | None = None) -> None:
+        title = f"{self.trainer.cls.__name__} (seed {self.config.seed})"
+        plot_curve(self.rows if rows is None else rows, self.run_dir.curve, title)
+
+    def save_latest(self) -> None:
+        """Checkpoints the last recorded epoch, if any (a training cut short keeps it)."""
+        if self.latest is not None:
+            save_checkpoint(self.run_dir.checkpoint, self.latest[1])
+
+    def finish(self, crashed: list[WorkerExit]) -> RunResult:
+        """The final checkpoint, curve and summary line, after the workers are gone."""
+        if self.error is not None:
+            self.save_latest()
+            raise RuntimeError(f"recording an epoch failed: {self.error!r}") from self.error
+        latest = self.latest
+        if latest is None:
+            resumed = self.trainer.resumed
+            if resumed is None or not self.rows:
+                raise RuntimeError("the training ended before its first epoch")
+            latest = (self.start_epoch, resumed)
+        epoch, state = latest
+        rows = [r for r in self.rows if r["epoch"] <= epoch]
+        save_checkpoint(self.run_dir.checkpoint, state)
+        self._plot(rows)
+        last = rows[-1]
+        if not self.run.quiet:
+            score = "" if last["center_score"] is None else f" center={last['center_score']:.2f}"
+            steps = "" if last["env_steps"] is None else f" env_steps={last['env_steps']}"
+            print(f"finished epoch={last['epoch']}{steps} seconds={last['seconds']:.1f}{score} "
+                  f"({self.stopped_by}); wrote {self.run_dir.path}/")  # fmt: skip
+        return RunResult(self.run_dir.path, rows, state, self.best_score, self.stopped_by, crashed)
 
 
 def train(

@@ -42,10 +42,16 @@ def test_help_explains_every_flag() -> None:
     for command in ("train", "worker"):
         out = subprocess.run(launcher(command, "--help"), capture_output=True, text=True, env=ENV)
         assert out.returncode == 0
-        for flag in ("--devices", "--cores", "--sigma", "--learning-rate", "--population-size"):
+        for flag in ("--es.sigma", "--es.learning-rate", "--es.population-size"):
             assert flag in out.stdout, (command, flag)
+        # The flat spellings are named in the help as deprecated aliases.
+        assert "(deprecated alias: --sigma)" in " ".join(out.stdout.split()), command
         if command == "train":
-            for flag in ("--run-dir", "--resume", "--overwrite"):
+            for flag in ("--run.devices", "--run.cores", "--run.run-dir", "--run.resume",
+                         "--run.overwrite"):  # fmt: skip
+                assert flag in out.stdout, flag
+        else:
+            for flag in ("--devices", "--cores", "--server"):
                 assert flag in out.stdout, flag
     bad = subprocess.run(launcher("train", "nope:Nothing"), capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "cannot import module 'nope'" in bad.stderr
@@ -69,11 +75,13 @@ def test_train_with_a_strategy_the_user_module_registers(tmp_path) -> None:
     # own) at import, as a user's module would: the launcher imports it before its flags.
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        launcher("train", "user_strategy:Worker", "--strategy", "mine", "--gradient-scale", "0.5",
-                 "--workers", "1", "--max-epochs", "2", "--run-dir", str(run_dir)),
+        launcher("train", "user_strategy:Worker", "--es.strategy", "mine",
+                 "--es.strategy-options.gradient-scale", "0.5", "--run.workers", "1",
+                 "--run.max-epochs", "2", "--run.run-dir", str(run_dir)),
         capture_output=True, text=True, env=ENV, timeout=100,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert "deprecated" not in out.stderr  # the current spelling warns of nothing
     assert "trained epochs=2" in out.stdout
     es = json.loads((run_dir / "config.json").read_text())["es"]
     assert es["strategy"] == "mine" and es["strategy_options"] == {"gradient_scale": 0.5}
@@ -82,13 +90,13 @@ def test_train_with_a_strategy_the_user_module_registers(tmp_path) -> None:
         launcher("train", "user_strategy:Worker", "--help"), capture_output=True, text=True, env=ENV
     )
     assert helped.returncode == 0
-    assert "mine" in helped.stdout and "--gradient-scale" in helped.stdout
+    assert "mine" in helped.stdout and "--es.strategy-options.gradient-scale" in helped.stdout
     builtin = subprocess.run(launcher("train", "--help"), capture_output=True, text=True, env=ENV)
     assert "{" + ",".join(sorted(STRATEGIES)) + "}" in builtin.stdout
     assert "mine" not in STRATEGIES and "mine" not in builtin.stdout
 
     bad = subprocess.run(
-        launcher("train", "user_strategy:Worker", "--strategy", "nope", "--max-epochs", "1"),
+        launcher("train", "user_strategy:Worker", "--es.strategy", "nope", "--run.max-epochs", "1"),
         capture_output=True, text=True, env=ENV,
     )  # fmt: skip
     assert bad.returncode == 2
