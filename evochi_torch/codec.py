@@ -158,13 +158,22 @@ def state_digest(state: TorchESState) -> bytes:
         h,
         {
             "epoch": int(state.epoch),
-            "config": state.config.to_dict(),
+            "config": _digest_config(state.config),
             "noise": str(state.noise_fingerprint),
             "extra": state.extra,
         },
     )
     _hash_tensors(h, _cpu_tensors(state))
     return h.digest()
+
+
+def _digest_config(config: ESConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    if values["perturbation"] == "full":
+        # Full-rank runs hash the fields they always had, so that workers of releases before
+        # the low-rank fields agree on a full-rank state's digest.
+        del values["perturbation"], values["rank"]
+    return values
 
 
 def _cpu_tensors(state: TorchESState) -> dict[str, torch.Tensor]:

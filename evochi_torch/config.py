@@ -18,6 +18,7 @@ __all__ = ["ESConfig"]
 
 _OPTIMIZERS = ("adam", "sgd", "clipup")
 _SHAPINGS = ("centered_rank", "zscore", "raw", "nes")
+_PERTURBATIONS = ("full", "lowrank")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class ESConfig:
         noise_table_size: number of float32 values in the shared noise table; ``None`` picks
             one from the parameter count (see :func:`evochi_torch.noise.default_table_size`).
         nan_penalty: ``None`` raises on NaN/inf rewards; a finite number replaces them.
+        perturbation: ``"full"`` (every parameter gets its own noise) or ``"lowrank"``
+            (each weight matrix moves by ``sigma * A @ B.T / sqrt(rank)``, EGGROLL style, see
+            :mod:`evochi_torch.lowrank`; for large models). Supported by the strategies whose
+            update is a weighted sum of directions (``openai_es``, ``ars``).
+        rank: the rank ``r`` of the low-rank perturbations (ignored with ``"full"``).
     """
 
     population_size: int
@@ -76,6 +82,8 @@ class ESConfig:
     seed: int = 0
     noise_table_size: int | None = None
     nan_penalty: float | None = None
+    perturbation: Literal["full", "lowrank"] = "full"
+    rank: int = 1
 
     def __post_init__(self) -> None:
         # Normalise sequences so that a config read back from JSON/YAML (lists) compares equal.
@@ -118,6 +126,11 @@ class ESConfig:
             )
         # A plain dict: it is pickled into the training state's metadata (allow-listed).
         object.__setattr__(self, "strategy_options", dict(self.strategy_options))
+        if self.perturbation not in _PERTURBATIONS:
+            raise ValueError(
+                f"ESConfig.perturbation must be one of {_PERTURBATIONS}, got {self.perturbation!r}"
+            )
+        _check_int("rank", self.rank, minimum=1)
         strategy = registry.lookup(self.strategy)  # ValueError naming the known strategies
         strategy.check_config(self)
         lr = self.lr

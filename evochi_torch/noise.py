@@ -191,6 +191,23 @@ class NoiseTable:
                 self._device_copies[device] = copy
         return copy
 
+    def window_size(self, num_params: int) -> int:
+        """Length of one member's window: the parameter count (every parameter gets its own
+        noise; :class:`evochi_torch.lowrank.LowRankNoise` has shorter windows)."""
+        return num_params
+
+    def weighted_sum(
+        self,
+        offsets: torch.Tensor,
+        signs: torch.Tensor,
+        weights: np.ndarray | torch.Tensor | Sequence[float],
+        num_params: int,
+        *,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
+        """:func:`noise_weighted_sum` over this table."""
+        return noise_weighted_sum(self, offsets, signs, weights, num_params, scale=scale)
+
     def window(self, offset: int, num_params: int) -> torch.Tensor:
         """The unsigned noise ``eps`` starting at ``offset`` (a view, float32 CPU, shape [P])."""
         if not 0 <= offset <= self.size - num_params:

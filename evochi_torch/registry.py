@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-__all__ = ["STRATEGIES", "RegisteredStrategy", "lookup", "register"]
+__all__ = ["STRATEGIES", "RegisteredStrategy", "lookup", "names_supporting", "register"]
 
 
 class RegisteredStrategy(Protocol):
@@ -47,3 +47,12 @@ def lookup(name: str) -> RegisteredStrategy:
         raise ValueError(
             f"unknown ES strategy {name!r}; known strategies: {sorted(STRATEGIES)}"
         ) from None
+
+
+def names_supporting(perturbation: str) -> list[str]:
+    """The registered strategies that support ``ESConfig.perturbation == perturbation``."""
+    return sorted(
+        name
+        for name, s in STRATEGIES.items()
+        if perturbation in getattr(s, "perturbations", ("full",))
+    )

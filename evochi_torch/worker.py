@@ -28,6 +28,8 @@ from evochi.v1 import Eval, Worker
 
 from .codec import decode_state, encode_state, state_digest
 from .config import ESConfig
+from .lowrank import LowRankNoise, noise_for
+from .lowrank_policy import LowRankPolicy
 from .noise import NoiseTable, perturbed_params
 from .population import PopulationPolicy, flatten_params, load_flat
 from .shaping import check_rewards
@@ -83,7 +85,8 @@ class TorchESWorker(Worker[TorchESState]):
         self._config = config
         self.device = torch.device("cpu" if device is None else device)
         self._module: nn.Module | None = None
-        self._table: NoiseTable | None = None
+        self._table: NoiseTable | LowRankNoise | None = None
+        self._center: tuple[TorchESState, torch.Tensor] | None = None
         self._asked: tuple[TorchESState, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
 
     # ------------------------------------------------------------------ user hooks
@@ -94,7 +97,7 @@ class TorchESWorker(Worker[TorchESState]):
 
     @abc.abstractmethod
     def score(
-        self, policy: PopulationPolicy, epoch: int, members: torch.Tensor
+        self, policy: PopulationPolicy | LowRankPolicy, epoch: int, members: torch.Tensor
     ) -> Sequence[float] | np.ndarray | torch.Tensor:
         """Scores a batch of population members; returns one float per member.
 
@@ -126,12 +129,11 @@ class TorchESWorker(Worker[TorchESState]):
         """A plain module holding the current center parameters (on the CPU)."""
         return load_flat(self.make_policy(), self.params)
 
-    def noise_table(self) -> NoiseTable:
+    def noise_table(self) -> NoiseTable | LowRankNoise:
+        """The run's noise: the shared table, read through the low-rank layout of the policy's
+        parameters with ``perturbation="lowrank"``."""
         if self._table is None:
-            num_params = self.params.numel()
-            self._table = NoiseTable.for_params(
-                self._config.seed, num_params, self._config.noise_table_size
-            )
+            self._table = noise_for(self._config, _shapes(self.module))
         return self._table
 
     # ------------------------------------------------------------------ protocol hooks
@@ -148,8 +150,9 @@ class TorchESWorker(Worker[TorchESState]):
         config = self._config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            params = flatten_params(self.make_policy())
-        table = NoiseTable.for_params(config.seed, params.numel(), config.noise_table_size)
+            policy = self.make_policy()
+            params = flatten_params(policy)
+        table = noise_for(config, _shapes(policy))
         self._table = table
         return initial_state(params, config, table)
 
@@ -177,10 +180,18 @@ class TorchESWorker(Worker[TorchESState]):
         state = self.state
         members = torch.cat([torch.arange(s.start, s.stop) for s in slices])
         offsets, signs, scale = self._ask(state)
-        params = perturbed_params(
-            state.params, self.noise_table(), offsets, signs, scale, members, device=self.device
-        )
-        policy = PopulationPolicy(self.module, params)
+        table = self.noise_table()
+        policy: PopulationPolicy | LowRankPolicy
+        if isinstance(table, LowRankNoise):
+            assert not isinstance(scale, torch.Tensor)
+            policy = LowRankPolicy(
+                self.module, self._device_center(state), table, offsets, signs, scale, members
+            )
+        else:
+            params = perturbed_params(
+                self._device_center(state), table, offsets, signs, scale, members
+            )
+            policy = PopulationPolicy(self.module, params)
         with torch.no_grad():
             raw = self.score(policy, epoch, members)
         raw, metrics = split_score(raw)
@@ -194,6 +205,13 @@ class TorchESWorker(Worker[TorchESState]):
         # (lost connection) must not leave a half-updated state behind.
         return self.state.advance(np.asarray(rewards, dtype=np.float64), self.noise_table())
 
+    def _device_center(self, state: TorchESState) -> torch.Tensor:
+        # One copy of the center on the evaluation device per state, not one per task.
+        cached = self._center
+        if cached is None or cached[0] is not state:
+            cached = self._center = (state, state.params.to(self.device))
+        return cached[1]
+
     def _ask(self, state: TorchESState) -> tuple[torch.Tensor, torch.Tensor, Any]:
         # Every task of an epoch perturbs around the same state: ask the strategy once per state.
         cached = self._asked
@@ -204,6 +222,10 @@ class TorchESWorker(Worker[TorchESState]):
             )
             cached = self._asked = (state, asked)
         return cached[1]
+
+
+def _shapes(module: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in module.parameters()]
 
 
 def split_score(raw: Any) -> tuple[Any, dict[str, np.ndarray] | None]:

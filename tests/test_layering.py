@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "evochi_torch.registry": 0,
     "evochi_torch.shaping": 1,
     "evochi_torch.noise": 1,
+    "evochi_torch.lowrank": 1,
+    "evochi_torch.lowrank_policy": 1,
     "evochi_torch.optim": 1,
     "evochi_torch.population": 1,
     "evochi_torch.config": 2,

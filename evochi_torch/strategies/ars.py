@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import Strategy, noise_sums
+from .base import Strategy
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ARS(Strategy):
     default_shaping = "raw"
     default_optimizer = None  # ARS's plain step; ESConfig.optimizer may pick another
     needs_antithetic = True
+    perturbations = ("full", "lowrank")
 
     def check_config(self, config):
         super().check_config(config)
@@ -79,5 +80,5 @@ class ARS(Strategy):
             coef[2 * order] = plus[order] / (b * std)
             coef[2 * order + 1] = minus[order] / (b * std)
         offsets, signs = self.offsets(config, epoch, p, table)
-        grad, _ = noise_sums(table, offsets, signs, p, coef)
+        grad = table.weighted_sum(offsets, signs, coef, p)
         return self.make_optimizer(config).step(params, grad, state)

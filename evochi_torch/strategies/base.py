@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from .. import registry
 from ..noise import NoiseTable, member_offsets
 from ..optim import SGD, Adam, ClipUp, Optimizer, OptState
 from ..shaping import shape_fitness
@@ -69,6 +70,10 @@ class Strategy:
     default_optimizer: ClassVar[str | None] = None
     #: Whether the strategy needs mirrored (antithetic) pairs.
     needs_antithetic: ClassVar[bool] = False
+    #: The ``ESConfig.perturbation`` kinds it supports. ``"lowrank"`` needs a ``tell`` that
+    #: only forms weighted sums of the members' directions (``table.weighted_sum``), never
+    #: per-parameter statistics of the noise such as ``eps**2``.
+    perturbations: ClassVar[tuple[str, ...]] = ("full",)
 
     # -------------------------------------------------------------- configuration
     def options(self, config: ESConfig) -> Any:
@@ -85,6 +90,14 @@ class Strategy:
     def check_config(self, config: ESConfig) -> None:
         """Raise ``ValueError`` if ``config`` cannot run this strategy."""
         self.options(config)
+        if config.perturbation not in self.perturbations:
+            raise ValueError(
+                f"strategy {self.name!r} does not support perturbation="
+                f"{config.perturbation!r} (it supports {', '.join(self.perturbations)}); "
+                "low-rank perturbations work with the strategies whose update is a weighted "
+                "sum of the members' directions: "
+                + ", ".join(registry.names_supporting(config.perturbation))
+            )
         if self.needs_antithetic and not config.antithetic:
             raise ValueError(
                 f"strategy {self.name!r} needs antithetic=True (it compares mirrored pairs)"
@@ -161,7 +174,12 @@ class Strategy:
         """Noise offsets and antithetic signs of ``epoch``'s members (:func:`member_offsets`
         of the run's seed)."""
         return member_offsets(
-            config.seed, epoch, config.population_size, num_params, table.size, config.antithetic
+            config.seed,
+            epoch,
+            config.population_size,
+            table.window_size(num_params),
+            table.size,
+            config.antithetic,
         )
 
     # -------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..config import ESConfig
-from ..noise import NoiseTable, noise_weighted_sum
+from ..noise import NoiseTable
 from .base import Strategy
 
 
@@ -21,6 +21,7 @@ class OpenAIES(Strategy):
     default_learning_rate = 0.01
     default_shaping = "centered_rank"
     default_optimizer = "adam"
+    perturbations = ("full", "lowrank")
 
     def init(self, config, params):
         return self.make_optimizer(config).init(params.numel())
@@ -38,7 +39,7 @@ class OpenAIES(Strategy):
         weights = self.shaped(rewards, config)
         offsets, signs = self.offsets(config, epoch, num_params, table)
         scale = 1.0 / (config.population_size * config.sigma)
-        return noise_weighted_sum(table, offsets, signs, weights, num_params, scale=scale)
+        return table.weighted_sum(offsets, signs, weights, num_params, scale=scale)
 
     def tell(self, config, params, state, rewards, epoch, table):
         grad = self.gradient(config, rewards, epoch, table, params.numel())

@@ -21,7 +21,14 @@ from evochi_torch.launch import WorkerProcesses, WorkerSpec
 
 EPOCHS = 6
 POPULATION = 24
-STRATEGIES = ["pgpe", "snes", "sep_cma", "ars", "cem"]
+# "<strategy>+lowrank": the strategy with rank-1 perturbations of the weight matrices.
+STRATEGIES = ["pgpe", "snes", "sep_cma", "ars", "cem", "openai_es+lowrank", "ars+lowrank"]
+
+
+def config_for(name: str):
+    strategy, _, perturbation = name.partition("+")
+    config = ToyRegression.default_config.replace(strategy=strategy)
+    return config.replace(perturbation=perturbation) if perturbation else config
 
 
 def run(coro, timeout: float = 150.0):
@@ -32,7 +39,7 @@ def run(coro, timeout: float = 150.0):
 
 
 def spec(strategy: str, die_at: str = "", cores: int = 5, threads: int = 1) -> WorkerSpec:
-    config = ToyRegression.default_config.replace(strategy=strategy)
+    config = config_for(strategy)
     kwargs = {"config": config, **({"die_at": die_at} if die_at else {})}
     return WorkerSpec("toy_workers:DiesAt", cores=cores, kwargs=kwargs, threads=threads,
                       reconnect=False)  # fmt: skip
@@ -40,7 +47,7 @@ def spec(strategy: str, die_at: str = "", cores: int = 5, threads: int = 1) -> W
 
 def single_process(strategy: str) -> tuple[TorchESState, dict[int, np.ndarray]]:
     """The same training without server or processes: the worker's own hooks in a loop."""
-    config = ToyRegression.default_config.replace(strategy=strategy)
+    config = config_for(strategy)
     worker = ToyRegression("127.0.0.1:1", cores=POPULATION, config=config)
     worker.adopt_state(worker.initialize())
     rewards = {}
@@ -89,7 +96,7 @@ def test_distributed_training_with_kills_and_late_joiner_equals_one_process(stra
     ref, ref_rewards = single_process(strategy)
     got, rewards, killed = run(train(strategy), timeout=280)
     assert killed >= 1  # the first worker's death in the first update is certain
-    assert ref.config.strategy == got.config.strategy == strategy
+    assert ref.config == got.config == config_for(strategy)
     assert ref.epoch == got.epoch == EPOCHS
     assert torch.equal(ref.params, got.params)
     assert ref.opt_state.keys() == got.opt_state.keys()
@@ -109,7 +116,7 @@ def test_server_restart_changes_no_bit(strategy, tmp_path, unused_port) -> None:
     SIGKILL the standalone server mid-training, restart it from its --state-dir, and the
     reconnecting workers end with the single-process bits."""
     ref, _ = single_process(strategy)
-    config = ToyRegression.default_config.replace(strategy=strategy)
+    config = config_for(strategy)
     reconnecting = WorkerSpec("toy_workers:DiesAt", cores=7, threads=1, reconnect=True,
                               kwargs={"config": config})  # fmt: skip
     stored = run(
@@ -119,7 +126,7 @@ def test_server_restart_changes_no_bit(strategy, tmp_path, unused_port) -> None:
         timeout=280,
     )  # fmt: skip
     got = decode_state(stored)
-    assert got.config.strategy == strategy and got.epoch == EPOCHS
+    assert got.config == config_for(strategy) and got.epoch == EPOCHS
     assert torch.equal(ref.params, got.params)
     assert ref.opt_state.keys() == got.opt_state.keys()
     for key in ref.opt_state:
