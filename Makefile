@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.es_update
 	$(PY) -m benchmarks.portable_update
 	$(PY) -m benchmarks.population_forward
+	$(PY) -m benchmarks.lowrank all
 	$(PY) -m benchmarks.cartpole_solve
 
 # CUDA-only tests, CartPole on cuda:0 and the device benchmarks; skips (exit 0) without a GPU.

@@ -1,6 +1,6 @@
 """`make gpu-check`: does every code path that touches CUDA work on this machine's GPU?
 
-Four checks, one summary line each, within about 5 minutes on one GPU:
+Five checks, one summary line each, within about 6 minutes on one GPU:
 
 * cuda-tests: the CUDA-only tests (those with "cuda" in their name; they skip elsewhere);
 * cartpole: `evochi-torch train examples.cartpole:CartPole --devices cuda:0`;
@@ -8,7 +8,10 @@ Four checks, one summary line each, within about 5 minutes on one GPU:
 * es_update: one ES epoch the way a GPU worker runs it: the noise table copied to the device
   once, every epoch's perturbed parameters built there from (center, offsets, signs), the
   update on the host. It reports the host-to-device traffic per epoch, measured by the torch
-  profiler (CUDA memcpy events), beside what building the members on the host would copy.
+  profiler (CUDA memcpy events), beside what building the members on the host would copy;
+* lowrank: the low-rank population step of a transformer on the device against plain
+  inference of the same module (``benchmarks.lowrank forward``, one token per member), after
+  checking that the two agree as sigma goes to 0.
 
 Without a GPU it prints why and exits 0. `--device cpu --quick` runs the same code paths
 on the CPU with small sizes (the test suite does, so they cannot rot unnoticed).
@@ -102,6 +105,22 @@ def check_population_forward(device: torch.device, quick: bool) -> tuple[bool, s
     if code != 0:
         return False, f"exit {code}: {_last_line(out, r'rror|Exception')}"
     return True, _last_line(out, r"obs=\[\d+, \d+\]:")
+
+
+def check_lowrank(device: torch.device, quick: bool) -> tuple[bool, str]:
+    sizes = (
+        ["--d-model", "128", "--layers", "2", "--members", "16", "--rounds", "2"]
+        if quick
+        else ["--d-model", "1024", "--members", "256", "--rounds", "3"]
+    )
+    code, out = _run(
+        [sys.executable, "-m", "benchmarks.lowrank", "forward", "--regime", "token",
+         "--device", str(device), *sizes],
+        timeout=240,
+    )  # fmt: skip
+    if code != 0:
+        return False, f"exit {code}: {_last_line(out, r'rror|Exception')}"
+    return True, _last_line(out, r"^forward ")
 
 
 def _h2d_bytes(trace: Path) -> tuple[int, int]:
@@ -216,6 +235,7 @@ CHECKS: list[tuple[str, Callable[[torch.device, bool], tuple[bool, str]]]] = [
     ("cartpole", check_cartpole),
     ("population_forward", check_population_forward),
     ("es_update", check_es_update),
+    ("lowrank", check_lowrank),
 ]
 
 

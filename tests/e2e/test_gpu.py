@@ -52,12 +52,13 @@ def test_gpu_check_code_paths_run_on_the_cpu() -> None:
     out = gpu_check("--device", "cpu", "--quick")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    for name in ("cuda-tests", "cartpole", "population_forward", "es_update"):
+    for name in ("cuda-tests", "cartpole", "population_forward", "es_update", "lowrank"):
         [line] = [x for x in lines if x.startswith(f"gpu-check {name}: ")]
         assert ": ok (" in line, line
     assert "trained epochs=3" in out.stdout
     assert "device=cpu" in out.stdout  # population_forward ran with --device
-    assert lines[-1].startswith("gpu-check: 4/4 checks ok on cpu")
+    assert "x of inference" in out.stdout  # the low-rank step was timed against inference
+    assert lines[-1].startswith("gpu-check: 5/5 checks ok on cpu")
 
 
 @needs_cuda

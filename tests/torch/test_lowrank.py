@@ -266,3 +266,16 @@ def test_a_population_that_would_need_8_gib_runs_in_under_2_gib():
     full_rank_gib, peak_gib = map(float, out.stdout.split())
     assert full_rank_gib > 8.0
     assert peak_gib < 2.0, f"peak RSS {peak_gib:.2f} GiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lowrank_forward_on_cuda_equals_the_cpu():
+    torch.manual_seed(4)
+    module = TinyTransformer().eval()
+    noise, offsets, signs, center = _setup(module, rank=2)
+    members = torch.arange(8)
+    x = torch.randint(0, 11, (8, 3, 7))
+    cpu = LowRankPolicy(module, center, noise, offsets, signs, 0.05, members)(x)
+    gpu_module = TinyTransformer().eval().to("cuda")
+    gpu = LowRankPolicy(gpu_module, center.to("cuda"), noise, offsets, signs, 0.05, members)(x)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,5 @@
+import sys
+
+from examples.transformer.transformer import main
+
+sys.exit(main())
