@@ -1,7 +1,7 @@
 """Where the per-epoch metrics rows go: CSV (always), TensorBoard, Weights & Biases.
 
 A logger is anything with ``log(row)`` and ``close()``; `make_loggers` builds them from the
-``--logger csv,tensorboard,wandb`` names. TensorBoard and wandb are optional extras
+``--run.loggers`` names (csv, tensorboard, wandb). TensorBoard and wandb are optional extras
 (``pip install 'evochi[loggers]'``).
 """
 
@@ -87,7 +87,7 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise RuntimeError(
-                "--logger tensorboard needs the tensorboard package: "
+                "--run.loggers tensorboard needs the tensorboard package: "
                 "pip install 'evochi[loggers]' (or pip install tensorboard)"
             ) from exc
         self.writer = SummaryWriter(log_dir=str(log_dir))
@@ -113,7 +113,7 @@ class WandbLogger:
             import wandb
         except ImportError as exc:
             raise RuntimeError(
-                "--logger wandb needs the wandb package: pip install 'evochi[loggers]' "
+                "--run.loggers wandb needs the wandb package: pip install 'evochi[loggers]' "
                 "(or pip install wandb)"
             ) from exc
         mode = os.environ.get("WANDB_MODE") or (

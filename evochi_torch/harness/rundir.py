@@ -133,8 +133,8 @@ def _take(path: Path, overwrite: bool) -> tuple[RunDir, bool]:
             )
         if not overwrite:
             raise RunDirExistsError(
-                f"{path} already holds a run: continue it with --resume {path}, "
-                "or replace it with --overwrite"
+                f"{path} already holds a run: continue it with --run.resume {path}, "
+                "or replace it with --run.overwrite"
             )
         if Path.cwd().resolve().is_relative_to(path.resolve()):
             raise RunDirExistsError(f"{path} holds the current directory: not deleting it")

@@ -177,10 +177,10 @@ def test_console_script_finds_the_examples_from_a_checkout(tmp_path) -> None:
     # The README's command, as a user types it in the repository root: no PYTHONPATH.
     script = Path(sys.executable).with_name("evochi-torch")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run_dir = ["--run-dir", str(tmp_path / "run")]  # not the checkout's runs/
+    run_dir = ["--run.run-dir", str(tmp_path / "run")]  # not the checkout's runs/
     out = subprocess.run(
-        [str(script), "train", "examples.cartpole:CartPole", "--workers", "1", "--max-epochs", "2",
-         *run_dir],
+        [str(script), "train", "examples.cartpole:CartPole", "--run.workers", "1",
+         "--run.max-epochs", "2", *run_dir],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=100,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -49,8 +49,8 @@ def test_a_named_path_is_never_renamed_and_never_written_into(tmp_path) -> None:
     with pytest.raises(RunDirExistsError) as refused:
         new_run_dir(tmp_path, "unused", old)
     assert str(refused.value) == (
-        f"{old} already holds a run: continue it with --resume {old}, or replace it with "
-        "--overwrite"
+        f"{old} already holds a run: continue it with --run.resume {old}, or replace it with "
+        "--run.overwrite"
     )
     assert (old / "best.safetensors").read_bytes() == b"old"
     (tmp_path / "file").write_text("x")

@@ -81,8 +81,8 @@ def test_a_named_run_dir_is_refused_and_overwrite_replaces_it(tmp_path, capsys) 
 
     assert main([*flags, "--max-epochs", "2"]) == 1
     err = capsys.readouterr().err
-    assert err == (f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                   "or replace it with --overwrite\n")  # fmt: skip
+    assert err == (f"error: {run_dir} already holds a run: continue it with --run.resume "
+                   f"{run_dir}, or replace it with --run.overwrite\n")  # fmt: skip
     assert snapshot(run_dir) == kept
 
     assert main([*flags, "--max-epochs", "3", "--resume", str(run_dir), "--overwrite"]) == 1
