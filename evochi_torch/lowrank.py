@@ -152,6 +152,7 @@ class LowRankNoise:
             )
         self.table = table
         self.layout = layout
+        self._grids: dict[torch.device, torch.Tensor] = {}
 
     @property
     def size(self) -> int:
@@ -188,14 +189,33 @@ class LowRankNoise:
     def windows(
         self, offsets: torch.Tensor, members: torch.Tensor, device: torch.device | str = "cpu"
     ) -> torch.Tensor:
-        """The raw windows ``[len(members), dim]`` of some members on ``device``, with the
-        factor part on the grid (signs not applied)."""
-        dim = self.layout.dim
+        """The windows ``[len(members), dim]`` of some members on ``device``, with the factor
+        part on the grid (signs not applied)."""
+        dense, factors = self.member_windows(offsets, members, device)
+        return torch.cat([dense, factors], dim=1)
+
+    def member_windows(
+        self, offsets: torch.Tensor, members: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`windows` in two new tensors: the dense part ``[B, dense_size]`` and the
+        factor part ``[B, dim - dense_size]`` (what :class:`LowRankPolicy` scales in place)."""
+        lay = self.layout
         data = self.table.to(device)
-        strided = data.as_strided((self.table.size - dim + 1, dim), (1, 1))
-        rows = strided.index_select(0, offsets[members].to(data.device))
-        to_grid_(rows[:, self.layout.dense_size :])
-        return rows
+        grid = self._grid(data)
+        index = offsets[members].to(data.device)
+        count = self.table.size - lay.dim + 1
+        dense = data.as_strided((count, lay.dense_size), (1, 1)).index_select(0, index)
+        factors = grid.as_strided(
+            (count, lay.dim - lay.dense_size), (1, 1), lay.dense_size
+        ).index_select(0, index)
+        return dense, factors
+
+    def _grid(self, data: torch.Tensor) -> torch.Tensor:
+        # The table on the factor grid, made once per device: rounding a window is then a copy.
+        grid = self._grids.get(data.device)
+        if grid is None:
+            grid = self._grids[data.device] = to_grid_(data.clone())
+        return grid
 
     def materialize(
         self,

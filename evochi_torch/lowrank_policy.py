@@ -82,27 +82,31 @@ class LowRankPolicy:
         device = center.device
         members = members.to(torch.int64).reshape(-1)
         self._count = members.numel()
-        windows = noise.windows(offsets, members.cpu(), device)
+        # The gathered windows become the members' values in place: no further copies.
+        dense, factors = noise.member_windows(offsets, members.cpu(), device)
         scale = (signs[members.cpu()].to(torch.float32) * float(sigma)).to(device)
+        dense.mul_(scale[:, None])
         self.base: dict[str, torch.Tensor] = {}
         self.batched: dict[str, torch.Tensor] = {}
         for seg in layout.dense:
             name = named[seg.index][0]
-            base = center[seg.offset : seg.offset + seg.numel]
-            rows = windows[:, seg.window : seg.window + seg.numel] * scale[:, None] + base
+            rows = dense[:, seg.window : seg.window + seg.numel]
+            rows.add_(center[seg.offset : seg.offset + seg.numel])
             self.batched[name] = rows.view(self._count, *seg.shape)
-        root = math.sqrt(layout.rank)
-        self.names: dict[str, str] = {}
+        a_scale = (scale / math.sqrt(layout.rank))[:, None, None]
+        shift = layout.dense_size
         for seg in layout.lowrank:
             name = named[seg.index][0]
             self.base[name] = center[seg.offset : seg.offset + seg.numel].view(seg.shape)
-            a, b = layout.factors(windows, seg)
-            a = a * (scale / root)[:, None, None]
-            if layout.rank == 1:
-                # A product with one column runs as a matrix-vector kernel whose rounding
+            r = layout.rank
+            a0 = seg.window - shift
+            a = factors[:, a0 : a0 + seg.rows * r].view(self._count, seg.rows, r).mul_(a_scale)
+            b = factors[:, a0 + seg.rows * r : a0 + (seg.rows + seg.cols) * r]
+            b = b.view(self._count, seg.cols, r)
+            if r == 1:
+                # ``x @ B`` with one column runs as a matrix-vector kernel whose rounding
                 # depends on the batch; a zero second column keeps it a (batch-invariant)
-                # matrix product and adds exact zeros.
-                a = torch.cat([a, torch.zeros_like(a)], dim=-1)
+                # matrix product.
                 b = torch.cat([b, torch.zeros_like(b)], dim=-1)
             self.batched["a:" + name] = a
             self.batched["b:" + name] = b
@@ -250,18 +254,11 @@ class _LowRankMode(TorchFunctionMode):
             return F.linear(x, weight, bias)
         y = shared_linear(x, weight)
         if bias is not None:
-            y.add_(bias)
+            y = _add(y, bias)
         a, b, _ = found
         if rows is not None:
             a = a[rows[0] : rows[1]]
-        xb = x @ b
-        if self.rank > _ELEMENTWISE_RANK:
-            return y.add_(xb @ a.transpose(-1, -2))
-        # A product with a handful of columns runs far below the speed of memory in a GEMM;
-        # per column, a multiply and an add (each rounded exactly, so batch-invariant too).
-        for j in range(self.rank):
-            y.add_(xb[..., j : j + 1] * a[:, j])
-        return y
+        return _add_low_rank_(y, x @ b, a, self.rank)
 
     def embedding(self, idx: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any):
         found = self._get(weight)
@@ -270,7 +267,8 @@ class _LowRankMode(TorchFunctionMode):
         max_norm = args[1] if len(args) > 1 else kwargs.get("max_norm")
         if max_norm is not None:
             raise ValueError(f"low-rank perturbations do not support {name}'s max_norm")
-        return F.embedding(idx, weight, *args, **kwargs) + F.embedding(idx, a) @ b.transpose(-1, -2)
+        out = F.embedding(idx, weight, *args, **kwargs)
+        return _add_low_rank_(out, F.embedding(idx, a), b, self.rank)
 
     def _touches(self, args: Any, kwargs: dict[str, Any]) -> bool:
         for value in (*args, *kwargs.values()):
@@ -301,7 +299,41 @@ class _LowRankMode(TorchFunctionMode):
                 getattr(func, "__name__", func),
                 tree.numel(),
             )
-        return tree + a @ b.transpose(-1, -2)
+        # Out of place: under vmap the shared weight is one tensor, the term one per member.
+        return tree + _low_rank_term(a, b, self.rank)
+
+
+def _add(out: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``out + term``, in place when ``out`` may take it: under vmap an output computed from
+    inputs shared by every member (positions from ``arange``) has no member dimension, and an
+    in-place add of a per-member term into it is refused before anything is written."""
+    try:
+        return out.add_(term)
+    except RuntimeError:
+        return out + term
+
+
+def _add_low_rank_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
+    """``out + u[..., :rank] @ v[:, :rank].T``, in place where possible (``u``: ``[..., rank]``
+    or wider, ``v``: ``[n, rank]`` or wider)."""
+    if rank > _ELEMENTWISE_RANK:
+        return _add(out, u[..., :rank] @ v[:, :rank].transpose(-1, -2))
+    # A product with a handful of columns runs far below the speed of memory in a GEMM (and a
+    # one-column one rounds by the batch); per column, a multiply and an add, each exactly
+    # rounded, so batch-invariant too.
+    for j in range(rank):
+        out = _add(out, u[..., j : j + 1] * v[:, j])
+    return out
+
+
+def _low_rank_term(u: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
+    """``u[..., :rank] @ v[:, :rank].T`` as a new tensor, the way :func:`_add_low_rank_` adds."""
+    if rank > _ELEMENTWISE_RANK:
+        return u[..., :rank] @ v[:, :rank].transpose(-1, -2)
+    term = u[..., 0:1] * v[:, 0]
+    for j in range(1, rank):
+        term.add_(u[..., j : j + 1] * v[:, j])
+    return term
 
 
 def _has_tensor(value: Any) -> bool:

@@ -24,19 +24,23 @@ from evochi_torch.strategies import get_strategy
 
 
 class TinyTransformer(nn.Module):
-    """Embedding, a learned positional table (used by ``add``: the materialised fallback),
-    two encoder layers (MultiheadAttention, LayerNorm, MLP) and a linear head."""
+    """Embedding, position embeddings looked up with an ``arange`` made inside the forward
+    (shared by every member under vmap), a learned positional table (used by ``add``: the
+    materialised fallback), two encoder layers (MultiheadAttention, LayerNorm, MLP) and a
+    linear head."""
 
     def __init__(self, vocab: int = 11, d: int = 32, length: int = 7) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
+        self.where = nn.Embedding(length, d)
         self.pos = nn.Parameter(torch.randn(length, d) * 0.1)
         layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
         self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(self.emb(idx) + self.pos))
+        where = self.where(torch.arange(idx.shape[-1], device=idx.device))
+        return self.head(self.enc(self.emb(idx) + where + self.pos))
 
 
 class CrossAttention(nn.Module):
