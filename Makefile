@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo proto lint bench gpu-check clean
+.PHONY: install test demo proto lint bench gpu-check results check-results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,17 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.portable_update
 	$(PY) -m benchmarks.population_forward
 	$(PY) -m benchmarks.lowrank all
+	$(PY) -m benchmarks.mujoco_limit
 	$(PY) -m benchmarks.cartpole_solve
+
+# The MuJoCo results table (env steps, wall-clock, core-minutes, fraction of the raw env.step
+# speed) from the run directories under benchmarks/results/mujoco, and a re-evaluation of the
+# committed best policies.
+results: $(STAMP)
+	$(PY) -m benchmarks.results_table table benchmarks/results/mujoco --plots --out benchmarks/results/mujoco/TABLE.md
+
+check-results: $(STAMP)
+	$(PY) -m benchmarks.mujoco --check HalfCheetah-v5
 
 # CUDA-only tests, CartPole on cuda:0 and the device benchmarks; skips (exit 0) without a GPU.
 gpu-check: $(STAMP)

@@ -1,9 +1,10 @@
-"""Center-policy return of the MuJoCo example after an env-step budget.
+"""Center-policy return of the MuJoCo example after an env-step budget, and its cost.
 
     python -m benchmarks.mujoco --env HalfCheetah-v5 --env-steps 10000000 --seed 0
     python -m benchmarks.mujoco --env Hopper-v5 --env-steps 10000000 --seed 1 -- --es.sigma 0.03
     python -m benchmarks.mujoco --env Walker2d-v5 --strategy ars --env-steps 3000000
     python -m benchmarks.mujoco --table --env-steps 3000000       # every strategy x env, resumable
+    python -m benchmarks.mujoco --check HalfCheetah-v5            # re-evaluate committed policies
 
 The training is `examples.mujoco.run` with the env's defaults (arguments after `--` go to the
 example's command line; `--strategy` picks the example's preset `ENV/STRATEGY`). `return` is
@@ -14,17 +15,25 @@ policy) is kept under --runs-dir. Last line:
 
     mujoco env=HalfCheetah-v5 strategy=openai_es seed=0 env_steps=... seconds=... return=...
 
-and `result.json` with the same numbers goes into the run directory. `--table` runs every
-(strategy, env) pair of `--strategies` x `--envs` in turn, skipping pairs that some run
-directory's `result.json` already holds (so an interrupted table continues where it stopped;
-the interrupted pair's new run goes beside the old one, which is kept), then prints
+and `result.json` with the same numbers goes into the run directory, beside `meta.json`: the
+command, the commit, the machine (CPU model, cores), the library versions, the worker
+processes and cores used, and the env's single-process env.step limit on this machine
+(`benchmarks.mujoco_limit`, timed after the training). `python -m benchmarks.results_table`
+turns such run directories into the results table (env steps, wall-clock, core-minutes,
+fraction of the limit, returns) and `collect`s them, with a policy file, into
+benchmarks/results/mujoco/ENV/STRATEGY/...; `--check ENV` evaluates those policy files again
+and compares with their result.json, in seconds.
+
+`--table` runs every (strategy, env) pair of `--strategies` x `--envs` in turn, skipping pairs
+that some run directory's `result.json` already holds (so an interrupted table continues where
+it stopped; the interrupted pair's new run goes beside the old one, which is kept), then prints
 the table; `--table --summarize` only prints it (markdown, one row per strategy) and plots one
 curve per strategy into `<out>/strategies-<env>.png` with `--out` (beside each run's
 metrics.csv and result.json).
 
-`python -m benchmarks.mujoco --summarize runs/benchmarks --out examples/mujoco/results` plots
-every env's seeds into `<out>/<env>.png`, copies their metrics.csv and prints a markdown table;
-of several runs of one env and seed (runs are never overwritten) it takes the last written.
+`python -m benchmarks.mujoco --summarize runs/benchmarks --out DIR` plots every env's seeds
+into `DIR/<env>.png`, copies their metrics.csv and prints a markdown table of the returns; of
+several runs of one env and seed (runs are never overwritten) it takes the last written.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import shutil
 import statistics
 import sys
@@ -96,8 +106,11 @@ def summarize(runs_dir: Path, out: Path) -> None:
 
 
 def bench(env: str, strategy: str, seed: int, env_steps: int, workers: int, runs_dir: Path,
-          extra: list[str]) -> dict:  # fmt: skip
+          extra: list[str], command: list[str] | None = None,
+          limit_seconds: float = 3.0) -> dict:  # fmt: skip
     """One training of the example's `ENV[/STRATEGY]` preset; returns (and stores) its result."""
+    from benchmarks.results_table import provenance
+
     key = env if strategy == "openai_es" else f"{env}/{strategy}"
     example = tyro.extras.overridable_config_cli(
         PRESETS,
@@ -106,14 +119,44 @@ def bench(env: str, strategy: str, seed: int, env_steps: int, workers: int, runs
             "--run.workers", str(workers), "--run.runs-dir", str(runs_dir), *extra,
         ],
     )  # fmt: skip
+    # Before the training: the commit and tree are those of the code this process imports,
+    # which a checkout may move away from while a long run goes on.
+    argv = command if command is not None else ["python", "-m", "benchmarks.mujoco", *sys.argv[1:]]
+    started = provenance(argv)
     result, final = run(example)
     record = {
         "env": env, "strategy": strategy, "seed": seed, "env_steps": result.last["env_steps"],
         "seconds": round(result.last["seconds"], 1), "return": round(final, 1),
     }  # fmt: skip
     (result.run_dir / "result.json").write_text(json.dumps(record, indent=1) + "\n")
+    meta = run_meta(env, workers, started, limit_seconds)
+    (result.run_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print("mujoco " + " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     return record
+
+
+def run_meta(env: str, workers: int, started: dict, limit_seconds: float) -> dict:
+    """meta.json of a run made here: `started` (command, commit, machine, versions as they
+    were when it started), the cores it used, the machine's load now and its env's
+    single-process env.step limit, measured now (after the training, so that the two do not
+    share the cores)."""
+    import os
+
+    from benchmarks.mujoco_limit import limit
+    from benchmarks.results_table import UNRECORDED
+
+    meta = dict(started)
+    meta["workers"] = workers
+    # Each worker process steps its envs on one core; more workers than cores share them.
+    meta["cores_used"] = min(workers, meta["machine"]["cores_available"] or workers)
+    meta["load_average_1_5_15_min_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if limit_seconds > 0:
+        measured = limit(env, limit_seconds, 3, "random")
+        meta["limit"] = {**measured, "command": "python -m benchmarks.mujoco_limit --envs "
+                         f"{env} --seconds {limit_seconds:g} --repeats 3"}  # fmt: skip
+    else:
+        meta["limit"] = UNRECORDED
+    return meta
 
 
 def finished(runs_dir: Path, seed: int) -> dict[tuple[str, str], tuple[dict, Path]]:
@@ -168,34 +211,137 @@ def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
         plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+RESULTS = Path(__file__).resolve().parent / "results" / "mujoco"
+#: --check's default tolerance, relative to the claimed return. On the kind of CPU that made a
+#: result the return comes out equal up to result.json's rounding (0.05); on another kind of
+#: CPU the physics and the policy's matrix products round differently, and over 1000 steps of
+#: chaotic dynamics that moves a stable gait's return by a little (a policy that flips in some
+#: episodes can move far more, which --check then reports).
+TOLERANCE = 0.02
+
+
+def evaluate_policy(path: Path, episodes: int = 10) -> float:
+    """Mean true return of the center policy in `path` (a policy file, checkpoint or run
+    directory) over the example's first `episodes` fixed evaluation episodes."""
+    from evochi_torch.harness import load_state, offline_worker
+    from examples.mujoco.mujoco import MuJoCoES
+
+    # MuJoCoES adopts the env, network and observation statistics stored with the policy.
+    worker = offline_worker(MuJoCoES, load_state(path))
+    return float(worker.evaluate_episodes(worker.center_policy(), episodes).returns.mean())
+
+
+def agrees(claimed: float, measured: float, tolerance: float = TOLERANCE) -> bool:
+    """Whether `measured` reproduces `claimed`: within `tolerance` of it (relative), or equal
+    up to result.json's rounding to 0.1."""
+    return abs(measured - claimed) <= max(tolerance * abs(claimed), 0.05 + 1e-9)
+
+
+def check(env: str, root: Path = RESULTS, tolerance: float = TOLERANCE) -> int:
+    """Evaluates every committed policy file of `env` under `root` on the fixed evaluation
+    episodes and compares with its result.json. 0: all agree; 1: one does not; 2: none."""
+    from benchmarks.results_table import find_results
+
+    results = [
+        r for r in find_results(root) if r.env == env and (r.path / "policy.safetensors").exists()
+    ]
+    if not results:
+        print(f"error: no policy.safetensors of {env} under {root}", file=sys.stderr)
+        return 2
+    # Each policy file carries its env settings, which the evaluating worker adopts by design:
+    # its notice about adopting them would only interleave with the check's lines.
+    logging.getLogger("evochi_torch.gym").setLevel(logging.ERROR)
+    failed = 0
+    for r in results:
+        measured = evaluate_policy(r.path / "policy.safetensors")
+        ok = agrees(r.ret, measured, tolerance)
+        failed += not ok
+        where = r.path.relative_to(root) if r.path.is_relative_to(root) else r.path
+        print(f"check {where} env={env} strategy={r.strategy} seed={r.seed} claimed={r.ret:.1f} "
+              f"return={measured:.1f} diff={measured - r.ret:+.1f} {'ok' if ok else 'DIFFERS'}",
+              flush=True)  # fmt: skip
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = ["python", "-m", "benchmarks.mujoco", *argv]
     if argv[:1] == ["--summarize"]:
         runs_dir = Path(argv[1])
         out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else runs_dir
         summarize(runs_dir, out)
-        return
+        return 0
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", default="HalfCheetah-v5")
-    parser.add_argument("--strategy", default="openai_es", choices=STRATEGIES)
-    parser.add_argument("--env-steps", type=int, default=10_000_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.mujoco",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        epilog="Arguments after -- go to `python -m examples.mujoco ENV[/STRATEGY]`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--env", default="HalfCheetah-v5", help="default %(default)s")
+    parser.add_argument(
+        "--strategy",
+        default="openai_es",
+        choices=STRATEGIES,
+        help="the example's ENV/STRATEGY preset (default %(default)s)",
+    )
+    parser.add_argument(
+        "--env-steps",
+        type=int,
+        default=10_000_000,
+        help="budget: training + statistics episodes (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="ES seed (default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path("runs/benchmarks"),
+        help="where the run directories go (default %(default)s)",
+    )
+    parser.add_argument(
+        "--limit-seconds",
+        type=float,
+        default=3.0,
+        help="after the run, time the env's raw env.step (3 repeats of this "
+        "many seconds, benchmarks.mujoco_limit) into meta.json; 0: skip",
+    )
     parser.add_argument("--table", action="store_true", help="every strategy x env (resumable)")
     parser.add_argument("--envs", default=",".join(SETTINGS), help="--table's envs")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="--table's rows")
     parser.add_argument("--summarize", action="store_true", help="with --table: print only")
     parser.add_argument("--out", type=Path, help="with --table: curves and CSVs go here")
+    parser.add_argument(
+        "--check",
+        metavar="ENV",
+        default=None,
+        help="evaluate the committed policy files of ENV under --results on the "
+        "10 fixed evaluation episodes and compare with their result.json; "
+        "exit 1 if one differs by more than --tolerance",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="--check's results (default benchmarks/results/mujoco)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE,
+        help="--check's relative tolerance (default %(default)s: the same kind"
+        " of CPU reproduces a return exactly, another rounds differently)",
+    )
     args = parser.parse_args(argv)
+    if args.check is not None:
+        return check(args.check, args.results, args.tolerance)
     if not args.table:
         bench(args.env, args.strategy, args.seed, args.env_steps, args.workers, args.runs_dir,
-              extra)  # fmt: skip
-        return
+              extra, command, args.limit_seconds)  # fmt: skip
+        return 0
     envs, strategies = args.envs.split(","), args.strategies.split(",")
     runs_dir = args.runs_dir / f"table-{args.env_steps}"
     if not args.summarize:
@@ -205,9 +351,11 @@ def main(argv: list[str] | None = None) -> None:
                 if (s, env) in done:
                     continue
                 print(f"mujoco table: {s} on {env}", flush=True)
-                bench(env, s, args.seed, args.env_steps, args.workers, runs_dir, extra)
+                bench(env, s, args.seed, args.env_steps, args.workers, runs_dir, extra, command,
+                      args.limit_seconds)  # fmt: skip
     table(runs_dir, envs, strategies, args.seed, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

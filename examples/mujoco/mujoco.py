@@ -53,7 +53,8 @@ class MuJoCoSettings(GymSettings):
 # weight decay 0.0025, antithetic, centered rank), OpenAI ES (Adam, observation
 # normalisation) and ARS (smaller populations, many epochs, survival bonus removed).
 # The populations are smaller than es-torch's 100 because the budget here is 1e7 steps:
-# more, cheaper epochs learn faster per env step. See README.md for the measured results.
+# more, cheaper epochs learn faster per env step. Measured results:
+# benchmarks/results/mujoco/NOTES.md.
 _ES = ESConfig(population_size=40, sigma=0.02, learning_rate=0.02, optimizer="adam",
                weight_decay=0.0025, antithetic=True, fitness_shaping="centered_rank")  # fmt: skip
 SETTINGS = {
@@ -66,7 +67,8 @@ SETTINGS = {
     # Ant-v5's observation appends 78 contact forces (cfrc_ext) to the 27 joint positions and
     # velocities. Half of them vary by a few hundredths, so the observation normalisation
     # amplifies them 30-100x. With them, 2 of 3 sep-CMA-ES seeds learned gaits that flip in
-    # 3-4 of 10 evaluation episodes; without them (Ant-v4's default observation) see README.
+    # 3-4 of 10 evaluation episodes; without them (Ant-v4's default observation) see
+    # benchmarks/results/mujoco/NOTES.md.
     "Ant-v5": MuJoCoSettings(
         "Ant-v5",
         episode_steps=1000,
@@ -134,7 +136,7 @@ ARS_PAPER = {  # env: (N, b, alpha, nu)
     "Ant-v5": (60, 20, 0.015, 0.025),
 }
 # Where this example departs from the paper's table. Ant-v5 with alpha 0.015 ended at a median
-# of 2866 over 3 seeds at 1e7 steps, with 0.025 at 3148 (examples/mujoco/README.md): every
+# of 2866 over 3 seeds at 1e7 steps, with 0.025 at 3148 (benchmarks/results/mujoco/NOTES.md): every
 # seed first learns to end its episodes at once, and the larger step climbs faster after.
 ARS_STEP = {"Ant-v5": 0.025}
 
