@@ -109,7 +109,7 @@ def bench(env: str, strategy: str, seed: int, env_steps: int, workers: int, runs
           extra: list[str], command: list[str] | None = None,
           limit_seconds: float = 3.0) -> dict:  # fmt: skip
     """One training of the example's `ENV[/STRATEGY]` preset; returns (and stores) its result."""
-    from benchmarks.results_table import provenance
+    from benchmarks.provenance import provenance
 
     key = env if strategy == "openai_es" else f"{env}/{strategy}"
     example = tyro.extras.overridable_config_cli(
@@ -143,7 +143,7 @@ def run_meta(env: str, workers: int, started: dict, limit_seconds: float) -> dic
     import os
 
     from benchmarks.mujoco_limit import limit
-    from benchmarks.results_table import UNRECORDED
+    from benchmarks.provenance import UNRECORDED
 
     meta = dict(started)
     meta["workers"] = workers

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     if args.json is not None:
-        from benchmarks.results_table import provenance
+        from benchmarks.provenance import provenance
 
         command = [
             "python",

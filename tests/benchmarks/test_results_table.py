@@ -10,15 +10,14 @@ from typing import Any
 
 import pytest
 
+from benchmarks.provenance import UNRECORDED, provenance
 from benchmarks.results_table import (
     HEADER,
-    UNRECORDED,
     collect,
     find_results,
     group,
     main,
     markdown,
-    provenance,
     table,
 )
 from evochi_torch.harness.rundir import record_start
