@@ -44,8 +44,8 @@ __all__ = [
 #: Factor values are multiples of ``1 / FACTOR_GRID`` (a power of two: scaling is exact).
 FACTOR_GRID = 32.0
 
-# The coefficients of one update are integers below 2**24 on a shared power-of-two grid, split
-# into two halves of 12 bits so that every partial sum of the matrix product stays below 2**53.
+# The coefficients of one update are integers below 2**24 on a shared power-of-two grid; where a
+# product with them could reach 2**53 they are split into two halves of 12 bits.
 _COEF_BITS = 24
 _HALF = 1 << 12
 _EXACT = float(1 << 53)
@@ -293,11 +293,12 @@ class LowRankNoise:
         if biggest == 0.0:
             return out
         # Every coefficient as an integer on one power-of-two grid (exact scalings; the
-        # rounding of the smallest ones is 2**-24 of the largest), then two 12-bit halves.
+        # rounding of the smallest ones is 2**-24 of the largest).
         unit = math.ldexp(1.0, math.frexp(biggest)[1] - _COEF_BITS)
         ints = np.rint(coefs / unit)
         high = np.floor(ints / _HALF)
         low = ints - high * _HALF
+        whole = float(np.max(np.abs(ints)))
         windows = self.windows(offsets=keys, members=torch.arange(len(keys)))
         grid = FACTOR_GRID * FACTOR_GRID
         final = unit / grid / math.sqrt(lay.rank)
@@ -306,14 +307,20 @@ class LowRankNoise:
             a, b = lay.factors(windows, seg)  # [K, m, r], [K, n, r], multiples of 1/32
             a_int = (a.to(torch.float64) * FACTOR_GRID).permute(1, 0, 2).reshape(seg.rows, -1)
             b_int = (b.to(torch.float64) * FACTOR_GRID).permute(0, 2, 1).reshape(-1, seg.cols)
-            bound = len(keys) * r * _HALF * a_int.abs().max().item() * b_int.abs().max().item()
-            if bound >= _EXACT:
+            # The largest partial sum the product can reach: below 2**53 it is exact. Whole
+            # coefficients need one product; else two 12-bit halves, recombined exactly.
+            terms = len(keys) * r * a_int.abs().max().item() * b_int.abs().max().item()
+            if terms * whole < _EXACT:
+                parts = ((ints, 1.0),)
+            elif terms * _HALF < _EXACT:
+                parts = ((high, float(_HALF)), (low, 1.0))
+            else:
                 raise ValueError(
                     f"low-rank update too large to be exact ({len(keys)} windows x rank {r}); "
                     "use a smaller population or rank"
                 )
             total = None
-            for part, weight in ((high, float(_HALF)), (low, 1.0)):
+            for part, weight in parts:
                 col = torch.from_numpy(np.repeat(part, r))  # one per column of a_int
                 prod = torch.matmul(a_int * col[None, :], b_int)
                 total = prod * weight if total is None else total + prod * weight

@@ -283,3 +283,24 @@ def test_lowrank_forward_on_cuda_equals_the_cpu():
     gpu_module = TinyTransformer().eval().to("cuda")
     gpu = LowRankPolicy(gpu_module, center.to("cuda"), noise, offsets, signs, 0.05, members)(x)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_split_coefficients_give_the_bits_of_whole_ones(monkeypatch):
+    """Where whole coefficients could overflow 2**53 the product runs on two 12-bit halves;
+    both ways are exact, so they agree bit for bit (forced here by lowering the bound)."""
+    from evochi_torch import lowrank
+
+    layout = LowRankLayout([(64, 48), (48,)], rank=3)
+    noise = LowRankNoise(NoiseTable.for_params(2, layout.dim), layout)
+    offsets, signs = member_offsets(2, 1, 32, layout.dim, noise.size)
+    weights = np.random.default_rng(5).normal(size=32)
+    whole = noise.weighted_sum(offsets, signs, weights, layout.num_params, scale=0.2)
+    windows = noise.windows(offsets, torch.arange(32))
+    a, b = layout.factors(windows, layout.lowrank[0])
+    terms = 16 * 3 * (a.abs().max() * 32).item() * (b.abs().max() * 32).item()
+    monkeypatch.setattr(lowrank, "_EXACT", terms * 2**13)  # above the halves, below whole ones
+    split = noise.weighted_sum(offsets, signs, weights, layout.num_params, scale=0.2)
+    assert torch.equal(whole, split)
+    monkeypatch.setattr(lowrank, "_EXACT", terms)  # not even the halves: refused
+    with pytest.raises(ValueError, match="too large to be exact"):
+        noise.weighted_sum(offsets, signs, weights, layout.num_params, scale=0.2)
