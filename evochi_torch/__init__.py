@@ -3,7 +3,8 @@
 What a user writes code against (``from evochi_torch import ...``):
 
 * :class:`TorchESWorker` (subclass it: ``make_policy`` + ``score``), :class:`PopulationPolicy`
-  (what ``score`` receives; :class:`LowRankPolicy` with ``ESConfig(perturbation="lowrank")``),
+  (what ``score`` receives; :class:`evochi_torch.lowrank_policy.LowRankPolicy` with
+  ``ESConfig(perturbation="lowrank")``),
   :class:`ESConfig`;
 * strategies: :func:`get_strategy` (the registered names: :data:`evochi_torch.registry.STRATEGIES`;
   writing one: :mod:`evochi_torch.strategies`, ``Strategy``, ``register_strategy``);
@@ -33,7 +34,6 @@ from .codec import (
 )
 from .config import ESConfig
 from .harness import RunConfig, Trainer, train
-from .lowrank_policy import LowRankPolicy
 from .optim import SGD, Adam, ClipUp
 from .population import PopulationPolicy
 from .strategies import get_strategy
@@ -44,7 +44,6 @@ __all__ = [
     "Adam",
     "ClipUp",
     "ESConfig",
-    "LowRankPolicy",
     "NoiseMismatchError",
     "PopulationPolicy",
     "RunConfig",

@@ -12,7 +12,7 @@ negative cross-entropy of its predictions, the center's score the exact-match ac
 fixed test set. With ``perturbation="lowrank"`` every weight matrix (attention projections,
 MLP blocks, token and position embeddings, head) moves by a rank-r product per member, and the
 population's forward pass reads each shared weight once for all members
-(:class:`evochi_torch.LowRankPolicy`).
+(:class:`evochi_torch.lowrank_policy.LowRankPolicy`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import torch
 import tyro
 from torch import nn
 
-from evochi_torch import ESConfig, LowRankPolicy, PopulationPolicy, TorchESWorker
+from evochi_torch import ESConfig, PopulationPolicy, TorchESWorker
 from evochi_torch.harness import RunConfig, RunResult, Trainer
+from evochi_torch.lowrank_policy import LowRankPolicy
 
 VOCAB = 10
 LENGTH = 8
