@@ -114,8 +114,8 @@ def forward(args: argparse.Namespace) -> dict[str, float]:
     print(
         f"forward {args.regime:5s} d_model={args.d_model} params={params / 1e6:.1f}M "
         f"members={members} rank={args.rank}: plain {t_plain * 1e3:.1f} ms, low-rank step "
-        f"{t_low * 1e3:.1f} ms -> {row['ratio']:.2f}x of inference "
-        f"(traffic bound {row['traffic_bound']:.2f}x)",
+        f"{t_low * 1e3:.1f} ms -> {row['ratio']:.2f}x of inference"
+        + (f" (traffic bound {row['traffic_bound']:.2f}x)" if args.regime == "token" else ""),
         flush=True,
     )
     return row
