@@ -3,10 +3,16 @@
 Why not grpc.aio: gRPC-Python's server hands every completion-queue event from its poller
 thread to the event loop (a socket write, a wake-up, a GIL hand-over), about 250 µs of CPU
 per unary call on the development machine; the ``h2`` library costs about 105 µs, this
-module about 25 µs (``python -m benchmarks.transport``). An epoch of a 16-worker training is
-~33 calls, so the transport decided the orchestration throughput. This module implements
-only what a gRPC server needs, RFC 9113 frame by frame; header compression (HPACK, with its
-Huffman code and dynamic table) is left to the well-kept ``hpack`` library.
+transport about 25 µs (``python -m benchmarks.transport``). An epoch of a 16-worker training
+is ~33 calls, so the transport decided the orchestration throughput.
+
+Two layers, as with the ``h2`` library. HTTP/2 itself (framing, flow control, HPACK,
+PING, GOAWAY, keepalive, the budgets against hostile peers) is h2connection.py's
+:class:`H2Connection`, a state machine without I/O or clock. This module is the thin
+asyncio side: a :class:`asyncio.Protocol` per socket feeds the connection the bytes and
+``loop.time()``, turns its events into gRPC calls of the service, and writes what it has to
+send. Header compression (HPACK decoding, with its Huffman code and dynamic table) is left to
+the well-kept ``hpack`` library.
 
 What it serves: unary and server-streaming calls, the gRPC length-prefixed framing
 (grpc_framing.py: gzip and deflate request compression; responses are never compressed),
@@ -32,13 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
-import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-
-import hpack
 
 from evochi.server import core
 from evochi.server.grpc_framing import (
@@ -49,56 +50,64 @@ from evochi.server.grpc_framing import (
     percent_encode,
     status_code,
 )
+from evochi.server.h2connection import (
+    CANCEL,
+    COMPRESSION_ERROR,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    ConnectionTerminated,
+    ConnectionTimedOut,
+    DataReceived,
+    H2Connection,
+    HeaderCacheQuota,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    hpack_integer,
+    hpack_literal,
+)
 from evochi.server.health import HEALTH_SERVICE, SERVICE_UNKNOWN, Health
 from evochi.server.limits import (
-    BYTES_PER_TURN,
     CLOSE_LINGER,
     CONTROL_BUDGET,
     COSTS,
-    FRAMES_PER_TURN,
-    HEADER_CACHE_BLOCK,
     HEADER_CACHE_SIZE,
     HEADER_CACHE_TOTAL,
     JOIN_BUDGET,
     KEEPALIVE_IDLE,
     KEEPALIVE_TIMEOUT,
     MAX_CONNECTIONS,
-    MAX_HEADER_BLOCK,
     MAX_SETTINGS_ENTRIES,
     MAX_SUBSCRIBE_REQUEST,
-    OUR_MAX_FRAME,
-    OUR_MAX_HEADER_LIST,
     OUR_MAX_STREAMS,
-    RESET_BUDGET,
-    Budget,
 )
 from evochi.server.service import SERVICE_NAME, UNARY_METHODS, EvochiService, parse_bearer
 
-__all__ = ["Http2Transport"]
+# The error codes and limits are re-exported for the tests and tools that probe this transport.
+__all__ = [
+    "CANCEL",
+    "COMPRESSION_ERROR",
+    "CONTROL_BUDGET",
+    "ENHANCE_YOUR_CALM",
+    "FLOW_CONTROL_ERROR",
+    "FRAME_SIZE_ERROR",
+    "HEADER_CACHE_SIZE",
+    "HEADER_CACHE_TOTAL",
+    "JOIN_BUDGET",
+    "MAX_SETTINGS_ENTRIES",
+    "OUR_MAX_STREAMS",
+    "PROTOCOL_ERROR",
+    "REFUSED_STREAM",
+    "Http2Transport",
+]
 
 log = logging.getLogger("evochi.server.http2")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-# Frame types (RFC 9113 section 6).
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE = range(9)
-CONTINUATION = 9
-# Flags.
-END_STREAM = ACK = 0x1
-END_HEADERS = 0x4
-PADDED = 0x8
-PRIORITY_FLAG = 0x20
-# Settings.
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-# Error codes.
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 6, 7, 8, 9
-ENHANCE_YOUR_CALM = 0xB
-
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65_535
-DEFAULT_FRAME = 16_384
-_FRAME_HEADER = struct.Struct(">BHBBI")
 _PATHS = {f"/{SERVICE_NAME}/{m}".encode(): m for m in ("Subscribe", *UNARY_METHODS)}
 # Calls that need a worker's token, checked from the headers: only these may upload much.
 _AUTHENTICATED = frozenset(UNARY_METHODS)
@@ -106,68 +115,32 @@ _HEALTH_CHECK, _HEALTH_WATCH = "health.Check", "health.Watch"
 _PATHS[f"/{HEALTH_SERVICE}/Check".encode()] = _HEALTH_CHECK
 _PATHS[f"/{HEALTH_SERVICE}/Watch".encode()] = _HEALTH_WATCH
 
-
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _FRAME_HEADER.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A header as "literal without indexing, new name": never touches the peer's dynamic
-    table, so the encoding of a header is the same bytes on every connection, every time."""
-    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
-
-
 # :status 200 is static-table entry 8; content-type is static name 31.
 _STATUS_200 = b"\x88"
-_CONTENT_TYPE = b"\x0f\x10" + _hpack_int(16, 7) + b"application/grpc"
+_CONTENT_TYPE = b"\x0f\x10" + hpack_integer(16, 7) + b"application/grpc"
 RESPONSE_HEADERS = _STATUS_200 + _CONTENT_TYPE
-TRAILERS_OK = _literal(b"grpc-status", b"0")
+TRAILERS_OK = hpack_literal(b"grpc-status", b"0")
 
 
 def _trailers(code: str, message: str) -> bytes:
-    block = _literal(b"grpc-status", str(status_code(code)).encode())
+    block = hpack_literal(b"grpc-status", str(status_code(code)).encode())
     if message:
-        block += _literal(b"grpc-message", percent_encode(message))
+        block += hpack_literal(b"grpc-message", percent_encode(message))
     return block
 
 
-class _ConnectionError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Stream:
+class _Call:
     """One call. As a Subscribe stream it is also the service's WorkerStream."""
 
     __slots__ = (
         "bearer",
         "conn",
-        "credit",
         "data",
+        "done",
         "encoding",
         "headers_sent",
         "id",
-        "local_closed",
         "method",
-        "pending",
-        "remote_closed",
-        "send_window",
-        "trailers",
         "unwatch",
         "worker_id",
     )
@@ -180,14 +153,8 @@ class _Stream:
         self.bearer = bearer
         self.encoding = encoding
         self.data = bytearray()
-        self.remote_closed = False
-        self.local_closed = False
         self.headers_sent = False
-        self.pending: deque[memoryview] = deque()
-        self.trailers: bytes | None = None
-        # The stream's send window is the peer's INITIAL_WINDOW_SIZE plus this credit (its
-        # WINDOW_UPDATEs less what we sent): a new INITIAL_WINDOW_SIZE costs O(1), not O(streams).
-        self.credit = 0
+        self.done = False  # trailers sent (or queued), or the stream is gone
         self.worker_id: str | None = None
         self.unwatch: Callable[[], None] | None = None  # a health Watch: stops watching
 
@@ -201,7 +168,7 @@ class _Stream:
         worker_id, self.worker_id = self.worker_id, None
         if worker_id is not None:
             # Not from inside the service's command loop that is closing us.
-            asyncio.get_running_loop().call_soon(conn.service.stream_ended, worker_id)
+            conn.loop.call_soon(conn.service.stream_ended, worker_id)
 
 
 class _Connection(asyncio.Protocol):
@@ -209,37 +176,40 @@ class _Connection(asyncio.Protocol):
         self.owner = transport_owner
         self.service = transport_owner.service
         self.max_message = transport_owner.max_message_bytes
+        self.loop = asyncio.get_running_loop()
+        # Read here, not imported into h2connection: tests shorten them on this module.
+        self.h2 = H2Connection(
+            self.loop.time(),
+            header_cache=transport_owner.header_quota,
+            keepalive_idle=KEEPALIVE_IDLE,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+        )
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.preface = False
-        self.decoder = hpack.Decoder(max_header_list_size=OUR_MAX_HEADER_LIST)
-        # gRPC clients repeat the same header block call after call once its fields are in
-        # the HPACK table: decode each distinct block once while the table stays the same.
-        self.header_cache: dict[bytes, dict[bytes, bytes]] = {}
-        self.streams: dict[int, _Stream] = {}
-        # Streams with output waiting: for the connection's window (blocked) or their own.
-        self.blocked: dict[int, _Stream] = {}
-        self.stalled: dict[int, _Stream] = {}
-        self.send_window = DEFAULT_WINDOW
-        self.peer_window = DEFAULT_WINDOW
-        self.peer_frame = DEFAULT_FRAME
-        self.received = 0  # connection-level bytes since our last WINDOW_UPDATE
-        self.continuation: tuple[int, int, bytearray] | None = None
-        self.last_stream = 0
-        self.out: list[bytes] | None = None
+        self.calls: dict[int, _Call] = {}
         self.closed = False
-        self.going_away = False
-        self.last_seen = time.monotonic()
-        self.ping_sent: float | None = None
+        self.in_turn = False  # output is written once, at the end of the turn
         self.write_paused = False
         self.write_backlog = 0  # write-buffer size at the last keepalive check
-        self.buffered = 0  # request bytes held in streams' buffers
+        self.buffered = 0  # request bytes held in calls' buffers
         self.subscribe_buffered = 0  # ... of which in Subscribe calls (no token needed)
-        self.now = time.monotonic()
-        self.control = Budget(*CONTROL_BUDGET)
-        self.resets = Budget(*RESET_BUDGET)
-        self.joins = Budget(*JOIN_BUDGET)
-        self.turn_pending = False  # frames left in buf for the next event-loop turn
+        self.turn_pending = False  # frames left for the next event-loop turn
+
+    # The HTTP/2 state, for the transport's shutdown and for tests.
+    @property
+    def streams(self) -> Mapping[int, object]:
+        return self.h2.streams
+
+    @property
+    def blocked(self) -> Mapping[int, object]:
+        return self.h2.blocked
+
+    @property
+    def stalled(self) -> Mapping[int, object]:
+        return self.h2.stalled
+
+    @property
+    def header_cache(self) -> dict[bytes, dict[bytes, bytes]]:
+        return self.h2.header_cache
 
     # ------------------------------------------------------------------ asyncio
 
@@ -250,35 +220,22 @@ class _Connection(asyncio.Protocol):
             self.goaway(ENHANCE_YOUR_CALM, "too many connections")
             return
         self.owner.connections.add(self)
-        settings = struct.pack(
-            ">HIHIHIHI",
-            S_MAX_CONCURRENT_STREAMS, OUR_MAX_STREAMS,
-            S_INITIAL_WINDOW_SIZE, MAX_WINDOW,
-            S_MAX_FRAME_SIZE, OUR_MAX_FRAME,
-            S_MAX_HEADER_LIST_SIZE, OUR_MAX_HEADER_LIST,
-        )  # fmt: skip
-        # Streams get the largest window, so only the connection's needs refilling.
-        self.write(
-            _frame(SETTINGS, 0, 0, settings)
-            + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW))
-        )
+        self.h2.initiate_connection()
+        self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.owner.connections.discard(self)
-        self.owner.header_cache_entries -= len(self.header_cache)
-        self.header_cache.clear()
-        self.buf = bytearray()
-        self._drop_streams()
+        self.h2.release()
+        self._drop_calls()
 
-    def _drop_streams(self) -> None:
+    def _drop_calls(self) -> None:
         """The connection is over: its streams' workers leave the training now."""
-        streams, self.streams = self.streams, {}
-        self.blocked.clear()
-        self.stalled.clear()
-        for stream in streams.values():
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            call.done = True
             try:
-                self._forget_worker(stream)
+                self._forget_worker(call)
             except Exception:
                 log.exception("releasing the worker of a lost connection failed")
 
@@ -291,9 +248,9 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.last_seen = time.monotonic()
+        self.h2.peer_active(self.loop.time())
         if self.transport is not None and not self.closed:
-            if len(self.buf) >= 9:
+            if self.h2.buffered_input >= 9:
                 self._schedule_turn()  # frames were left unparsed while the peer was not reading
             else:
                 self.transport.resume_reading()
@@ -301,17 +258,17 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.buf += data
-        self.ping_sent = None
-        self.last_seen = time.monotonic()
-        if not self.turn_pending:
-            self._turn()
+        if self.turn_pending:
+            # Buffered only (the iterator is dropped unstarted): the scheduled turn serves it.
+            self.h2.receive_events(data, self.loop.time())
+            return
+        self._turn(data)
 
     def _schedule_turn(self) -> None:
         if not self.turn_pending and self.transport is not None:
             self.turn_pending = True
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._next_turn)
+            self.loop.call_soon(self._next_turn)
 
     def _next_turn(self) -> None:
         self.turn_pending = False
@@ -319,57 +276,75 @@ class _Connection(asyncio.Protocol):
             return
         if self.write_paused:
             return  # resume_writing schedules the next turn
-        self._turn()
+        self._turn(b"")
         if not self.turn_pending and not self.write_paused and not self.closed:
             self.transport.resume_reading()
 
-    def _turn(self) -> None:
+    def _turn(self, data: bytes) -> None:
         """Serve one turn's worth of the frames received (see FRAMES_PER_TURN)."""
-        self.now = time.monotonic()
-        self.out = []
-        more = False
+        h2 = self.h2
+        self.in_turn = True
         try:
-            more = self._receive()
-        except _ConnectionError as err:
-            if err.code == ENHANCE_YOUR_CALM:
-                log.info("closing a connection: %s", err)
-            else:
-                log.debug("connection error %d: %s", err.code, err)
-            self.goaway(err.code, str(err))
+            for event in h2.receive_events(data, self.loop.time()):
+                if isinstance(event, DataReceived):
+                    self._on_data(event)
+                elif isinstance(event, RequestReceived):
+                    self._on_request(event)
+                elif isinstance(event, StreamEnded):
+                    call = self.calls.get(event.stream_id)
+                    if call is not None:
+                        self._dispatch(call)
+                elif isinstance(event, StreamReset):
+                    self._on_reset(event.stream_id)
+                elif isinstance(event, ConnectionTerminated):
+                    self._log_termination(event)
         except Exception:
             log.exception("unexpected error on an HTTP/2 connection; closing it")
-            self.goaway(INTERNAL_ERROR, "internal error")
+            h2.close_connection(INTERNAL_ERROR, "internal error")
         finally:
-            out, self.out = self.out, None
-            if out and self.transport is not None and not self.transport.is_closing():
-                self.transport.write(b"".join(out))
-        if more and not self.closed:
+            self.in_turn = False
+        # What _send does, inline: this runs once per turn.
+        out = h2.data_to_send()
+        transport = self.transport
+        if out and not self.closed and transport is not None and not transport.is_closing():
+            transport.write(out)
+        if h2.closed:
+            self.close()
+        elif h2.more_frames and not self.closed:
             # Let the other connections' frames be served first.
             self._schedule_turn()
 
+    @staticmethod
+    def _log_termination(event: ConnectionTerminated) -> None:
+        if event.error_code == ENHANCE_YOUR_CALM:
+            log.info("closing a connection: %s", event.message)
+        elif event.error_code == INTERNAL_ERROR:
+            log.error("closing a connection: %s", event.message)
+        else:
+            log.debug("connection error %d: %s", event.error_code, event.message)
+
     # ------------------------------------------------------------------ output
 
-    def write(self, data: bytes) -> None:
-        if self.out is not None:
-            self.out.append(data)
-        elif self.transport is not None and not self.closed:
+    def _send(self) -> None:
+        """Write what the connection has queued; close the socket once it is closed."""
+        if self.in_turn or self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+        if self.h2.closed:
+            self.close()
 
     def goaway(self, code: int = NO_ERROR, message: str = "", close: bool = True) -> None:
-        if self.closed:
-            return
-        payload = struct.pack(">II", self.last_stream, code) + message.encode()[:256]
-        self.write(_frame(GOAWAY, 0, 0, payload))
-        self.going_away = True
-        if close:
-            self.close()
+        self.h2.close_connection(code, message, drain=not close)
+        self._send()
 
     def close(self) -> None:
         if self.closed or self.transport is None:
             return
-        if self.out:
-            self.transport.write(b"".join(self.out))
-            self.out = []
+        data = self.h2.data_to_send()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
         self.closed = True
         lingering = False
         if self.transport.can_write_eof() and not self.transport.is_closing():
@@ -384,510 +359,234 @@ class _Connection(asyncio.Protocol):
             except OSError:  # the peer is gone already
                 pass
         if lingering:
-            self._drop_streams()  # not at connection_lost, which waits for the peer
+            self._drop_calls()  # not at connection_lost, which waits for the peer
         else:
             self.transport.close()
         # close() waits for the output to drain; a peer that does not read never lets it.
-        asyncio.get_running_loop().call_later(CLOSE_LINGER, self.transport.abort)
+        self.loop.call_later(CLOSE_LINGER, self.transport.abort)
 
-    def _calm(self, what: str) -> _ConnectionError:
-        return _ConnectionError(ENHANCE_YOUR_CALM, what)
+    def _charge(self, cost: float) -> bool:
+        if self.h2.charge(cost):
+            return True
+        log.info("closing a connection: too many control frames")
+        return False
 
-    def _control(self, cost: float) -> None:
-        """A frame that does no useful work: spend from the connection's budget."""
-        if not self.control.spend(self.now, cost):
-            raise self._calm("too many control frames")
-
-    def send_message(self, stream: _Stream, message: bytes) -> None:
-        if stream.local_closed or stream.trailers is not None or self.closed:
+    def send_message(self, call: _Call, message: bytes) -> None:
+        if call.done or self.closed:
             return
-        if not stream.headers_sent:
-            stream.headers_sent = True
-            self.write(_frame(HEADERS, END_HEADERS, stream.id, RESPONSE_HEADERS))
-        framed = frame_message(message)
-        n = len(framed)
-        self.control.earn(COSTS.message_credit)
-        if (
-            not stream.pending
-            and n <= self.send_window
-            and n <= self.peer_window + stream.credit
-            and (n <= self.peer_frame)
-        ):
-            self.send_window -= n
-            stream.credit -= n
-            self.write(_frame(DATA, 0, stream.id, framed))
-            return
-        stream.pending.append(memoryview(framed))
-        self._flush(stream)
+        h2 = self.h2
+        if not call.headers_sent:
+            call.headers_sent = True
+            h2.send_headers(call.id, RESPONSE_HEADERS)
+        h2.send_data(call.id, frame_message(message))
+        if not self.in_turn:
+            self._send()
 
-    def send_trailers(self, stream: _Stream, code: str, message: str) -> None:
-        if stream.local_closed or stream.trailers is not None or self.closed:
+    def send_trailers(self, call: _Call, code: str, message: str) -> None:
+        if call.done or self.closed:
             return
-        if not stream.headers_sent:  # trailers-only response
-            stream.headers_sent = True
-            stream.local_closed = True
+        call.done = True
+        self.calls.pop(call.id, None)
+        if call.data:
+            self._release(call)
+        if call.unwatch is not None:
+            call.unwatch()
+            call.unwatch = None
+        if not call.headers_sent:  # trailers-only response
+            call.headers_sent = True
             block = RESPONSE_HEADERS + _trailers(code, message)
-            self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
-            self._closed_locally(stream)
-            return
-        stream.trailers = TRAILERS_OK if code == "OK" and not message else _trailers(code, message)
-        self._flush(stream)
+            self.h2.send_headers(call.id, block, end_stream=True)
+        else:
+            block = TRAILERS_OK if code == "OK" and not message else _trailers(code, message)
+            self.h2.send_trailers(call.id, block)
+        if not self.in_turn:
+            self._send()
 
-    def _flush(self, stream: _Stream) -> None:
-        pending = stream.pending
-        while pending:
-            allowed = min(self.send_window, self.peer_window + stream.credit, self.peer_frame)
-            if allowed <= 0:
-                if self.send_window <= 0:
-                    self.blocked[stream.id] = stream
-                    self.stalled.pop(stream.id, None)
-                else:
-                    self.stalled[stream.id] = stream
-                    self.blocked.pop(stream.id, None)
-                return
-            chunk = pending[0]
-            if len(chunk) <= allowed:
-                pending.popleft()
-                part = chunk
-            else:
-                part = chunk[:allowed]
-                pending[0] = chunk[allowed:]
-            self.send_window -= len(part)
-            stream.credit -= len(part)
-            self.write(_frame(DATA, 0, stream.id, bytes(part)))
-        self.blocked.pop(stream.id, None)
-        self.stalled.pop(stream.id, None)
-        if stream.trailers is not None and not stream.local_closed:
-            stream.local_closed = True
-            self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers))
-            self._closed_locally(stream)
+    def _http_error(self, call: _Call, status: bytes) -> None:
+        """A plain HTTP answer (not a gRPC call at all): :status, nothing else."""
+        call.headers_sent = call.done = True
+        self.calls.pop(call.id, None)
+        block = b"\x08" + hpack_integer(len(status), 7) + status  # :status is static name 8
+        self.h2.send_headers(call.id, block, end_stream=True)
 
-    def _closed_locally(self, stream: _Stream) -> None:
-        if not stream.remote_closed:
-            # We answered before the request ended (an early error): stop the upload.
-            self.write(_frame(RST_STREAM, 0, stream.id, struct.pack(">I", NO_ERROR)))
-        self.streams.pop(stream.id, None)
-        self.blocked.pop(stream.id, None)
-        self.stalled.pop(stream.id, None)
-        if stream.unwatch is not None:
-            stream.unwatch()
-            stream.unwatch = None
-        if self.going_away and not self.streams:
-            self.close()
-
-    def _forget_worker(self, stream: _Stream) -> None:
-        if stream.unwatch is not None:
-            stream.unwatch()
-            stream.unwatch = None
-        worker_id, stream.worker_id = stream.worker_id, None
+    def _forget_worker(self, call: _Call) -> None:
+        if call.unwatch is not None:
+            call.unwatch()
+            call.unwatch = None
+        worker_id, call.worker_id = call.worker_id, None
         if worker_id is not None:
             self.service.stream_ended(worker_id)
 
     # ------------------------------------------------------------------ input
 
-    def _receive(self) -> bool:
-        """Parse and serve the frames in buf, at most one turn's worth; True if more remain."""
-        buf = self.buf
-        if not self.preface:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 client (no preface)")
-                return False
-            if buf[: len(PREFACE)] != PREFACE:
-                raise _ConnectionError(PROTOCOL_ERROR, "not an HTTP/2 client (no preface)")
-            del buf[: len(PREFACE)]
-            self.preface = True
-        pos, end = 0, len(buf)
-        unpack = _FRAME_HEADER.unpack_from
-        frames = 0
-        more = False
-        try:
-            while end - pos >= 9:
-                if frames >= FRAMES_PER_TURN or pos >= BYTES_PER_TURN:
-                    more = True
-                    break
-                frames += 1
-                high, low, kind, flags, stream_id = unpack(buf, pos)
-                length = (high << 16) | low
-                if length > OUR_MAX_FRAME:
-                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                if end - pos - 9 < length:
-                    break
-                payload = bytes(buf[pos + 9 : pos + 9 + length])
-                pos += 9 + length
-                self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-                if self.closed:
-                    return False
-        finally:
-            del buf[:pos]
-        if self.received > MAX_WINDOW // 2:
-            self.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.received)))
-            self.received = 0
-        return more
-
-    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self.continuation is not None and kind != CONTINUATION:
-            raise _ConnectionError(PROTOCOL_ERROR, "expected CONTINUATION")
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
-            if stream_id == 0 or stream_id % 2 == 0:
-                raise _ConnectionError(PROTOCOL_ERROR, "HEADERS on an invalid stream id")
-            block = self._unpad(flags, payload)
-            if flags & PRIORITY_FLAG:
-                block = block[5:]
-            if len(block) > MAX_HEADER_BLOCK:
-                raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
-            if not flags & END_HEADERS:
-                self._control(COSTS.unfinished_headers)
-            if flags & END_HEADERS:
-                self._headers(stream_id, flags, block)
-            else:
-                self.continuation = (stream_id, flags, bytearray(block))
-        elif kind == CONTINUATION:
-            if self.continuation is None or self.continuation[0] != stream_id:
-                raise _ConnectionError(PROTOCOL_ERROR, "unexpected CONTINUATION")
-            self._control(COSTS.continuation)
-            block_buf = self.continuation[2]
-            block_buf += payload
-            if len(block_buf) > MAX_HEADER_BLOCK:
-                raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
-            if flags & END_HEADERS:
-                first_flags = self.continuation[1]
-                self.continuation = None
-                self._headers(stream_id, first_flags, bytes(block_buf))
-        elif kind == SETTINGS:
-            self._settings(flags, stream_id, payload)
-        elif kind == WINDOW_UPDATE:
-            self._window_update(stream_id, payload)
-        elif kind == PING:
-            if len(payload) != 8 or stream_id != 0:
-                raise _ConnectionError(PROTOCOL_ERROR, "malformed PING")
-            self._control(COSTS.ping)
-            if not flags & ACK:
-                self.write(_frame(PING, ACK, 0, payload))
-        elif kind == RST_STREAM:
-            if len(payload) != 4 or stream_id == 0:
-                raise _ConnectionError(PROTOCOL_ERROR, "malformed RST_STREAM")
-            self._control(COSTS.rst_stream)
-            stream = self.streams.pop(stream_id, None)
-            if stream is not None:
-                if not self.resets.spend(self.now):
-                    raise self._calm("too many streams reset")
-                self._release(stream)
-                stream.local_closed = stream.remote_closed = True
-                self._forget_worker(stream)
-                if self.going_away and not self.streams:
-                    self.close()
-        elif kind == GOAWAY:
-            self._control(COSTS.goaway)
-            self.going_away = True
-            if not self.streams:
-                self.close()
-        elif kind == PUSH_PROMISE:
-            raise _ConnectionError(PROTOCOL_ERROR, "clients cannot push")
-        else:
-            # PRIORITY and unknown frame types are ignored, as RFC 9113 requires.
-            self._control(COSTS.ignored_frame)
-
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
-        if not flags & PADDED:
-            return payload
-        if not payload or payload[0] >= len(payload):
-            raise _ConnectionError(PROTOCOL_ERROR, "bad padding")
-        return payload[1 : len(payload) - payload[0]]
-
-    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise _ConnectionError(PROTOCOL_ERROR, "SETTINGS on a stream")
-        self._control(COSTS.settings)
-        if flags & ACK:
-            return
-        if len(payload) % 6:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "malformed SETTINGS")
-        if len(payload) > 6 * MAX_SETTINGS_ENTRIES:
-            raise self._calm(f"more than {MAX_SETTINGS_ENTRIES} entries in one SETTINGS frame")
-        window = None
-        for offset in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HI", payload, offset)
-            if key == S_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise _ConnectionError(FLOW_CONTROL_ERROR, "window too large")
-                window = value
-            elif key == S_MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME <= value <= 2**24 - 1:
-                    raise _ConnectionError(PROTOCOL_ERROR, "bad MAX_FRAME_SIZE")
-                self.peer_frame = value
-            # Our HPACK encoder never uses the dynamic table: HEADER_TABLE_SIZE is moot.
-        self.write(_frame(SETTINGS, ACK, 0))
-        if window is not None and window != self.peer_window:
-            grew = window > self.peer_window
-            self.peer_window = window  # every stream's window moves with it (see credit)
-            if grew:
-                # Once per frame, over the streams waiting for their own window only.
-                for stream in list(self.stalled.values()):
-                    if self.send_window <= 0:
-                        break
-                    self._flush(stream)
-
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise _ConnectionError(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        self._control(COSTS.window_update)
-        if stream_id == 0:
-            if increment == 0:
-                raise _ConnectionError(PROTOCOL_ERROR, "zero WINDOW_UPDATE")
-            self.send_window += increment
-            if self.send_window > MAX_WINDOW:
-                raise _ConnectionError(FLOW_CONTROL_ERROR, "window overflow")
-            self._flush_blocked()
-            return
-        stream = self.streams.get(stream_id)
-        if stream is not None and increment:
-            stream.credit += increment
-            if self.peer_window + stream.credit > MAX_WINDOW:
-                self._reset(stream, FLOW_CONTROL_ERROR)
-                return
-            if stream.pending or stream.trailers is not None:
-                self._flush(stream)
-
-    def _flush_blocked(self) -> None:
-        # Each stream visited either sends, or moves to `stalled` (its own window is empty),
-        # or the connection's window runs out: the work is bounded by the progress made.
-        for stream in list(self.blocked.values()):
-            if self.send_window <= 0:
-                return
-            self._flush(stream)
-
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id == 0:
-            raise _ConnectionError(PROTOCOL_ERROR, "DATA on stream 0")
-        self.received += len(payload)
-        stream = self.streams.get(stream_id)
-        if stream is None or stream.remote_closed:
-            if stream_id > self.last_stream:
-                raise _ConnectionError(PROTOCOL_ERROR, "DATA on an idle stream")
-            self._control(COSTS.late_frame)
-            return  # a stream we already answered (or reset): drop the rest of its upload
-        body = self._unpad(flags, payload)
-        if not body and not flags & END_STREAM:
-            self._control(COSTS.empty_data)
-        if stream.local_closed:
-            self._control(COSTS.late_frame)
-            return
-        stream.data += body
-        self.buffered += len(body)
-        open_call = stream.method not in _AUTHENTICATED
-        limit = MAX_SUBSCRIBE_REQUEST if open_call else self.max_message
-        if open_call:
-            self.subscribe_buffered += len(body)
-            if self.subscribe_buffered > MAX_SUBSCRIBE_REQUEST:
-                # Calls anyone may make (Subscribe, health) hold little each, and little per
-                # connection in all: only authenticated calls may upload large messages.
-                self._release(stream)
-                message = "too many unfinished Subscribe requests on this connection"
-                self.send_trailers(stream, "RESOURCE_EXHAUSTED", message)
-                return
-        if len(stream.data) > limit + PREFIX:
-            self._release(stream)
-            self.send_trailers(
-                stream, "RESOURCE_EXHAUSTED", f"request larger than the limit of {limit} bytes"
-            )
-            return
-        if self.buffered > self.max_message + MAX_SUBSCRIBE_REQUEST:
-            # One connection holds at most one largest message's worth of unfinished uploads.
-            self._release(stream)
-            self.send_trailers(
-                stream,
-                "RESOURCE_EXHAUSTED",
-                "too many unfinished uploads on this connection; send large messages one at a time",
-            )
-            return
-        if flags & END_STREAM:
-            stream.remote_closed = True
-            self._dispatch(stream)
-
-    def _release(self, stream: _Stream) -> None:
-        """Forget the stream's buffered request bytes and its queued output."""
-        n = len(stream.data)
-        self.buffered -= n
-        if stream.method not in _AUTHENTICATED:
-            self.subscribe_buffered -= n
-        stream.data = bytearray()
-        self.blocked.pop(stream.id, None)
-        self.stalled.pop(stream.id, None)
-
-    def _reset(self, stream: _Stream, code: int) -> None:
-        """End one stream with RST_STREAM (a stream error; the connection lives on)."""
-        self.streams.pop(stream.id, None)
-        self._release(stream)
-        stream.pending.clear()
-        stream.local_closed = stream.remote_closed = True
-        self.write(_frame(RST_STREAM, 0, stream.id, struct.pack(">I", code)))
-        self._forget_worker(stream)
-
-    def _decode_headers(self, block: bytes) -> dict[bytes, bytes]:
-        cached = self.header_cache.get(block)
-        if cached is not None:
-            return cached
-        # Decoding from scratch costs CPU in proportion to the block (indexed references to
-        # a large table entry inflate up to OUR_MAX_HEADER_LIST): charge it to the budget.
-        self._control(COSTS.header_block(len(block)))
-        table = self.decoder.header_table
-        entries = table.dynamic_entries
-        before = (len(entries), entries[0] if entries else None, table.maxsize)
-        try:
-            fields = self.decoder.decode(block, raw=True)
-        except hpack.HPACKError as err:
-            raise _ConnectionError(COMPRESSION_ERROR, f"bad header block: {err}") from None
-        headers = {bytes(name): bytes(value) for name, value in fields}
-        after = (len(entries), entries[0] if entries else None, table.maxsize)
-        if after[0] == before[0] and after[1] is before[1] and after[2] == before[2]:
-            # The block left the HPACK table as it was (indexed fields and literals without
-            # indexing, e.g. gRPC's authorization): the same bytes will mean the same headers.
-            owner = self.owner
-            if (
-                len(block) <= HEADER_CACHE_BLOCK
-                and len(self.header_cache) < HEADER_CACHE_SIZE
-                and owner.header_cache_entries < HEADER_CACHE_TOTAL
-            ):
-                self.header_cache[block] = headers
-                owner.header_cache_entries += 1
-        else:
-            self.owner.header_cache_entries -= len(self.header_cache)
-            self.header_cache.clear()
-        return headers
-
-    def _headers(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode_headers(block)  # always: it keeps the HPACK table in step
-        stream = self.streams.get(stream_id)
-        if stream is not None:  # trailers from the client end its request
-            if flags & END_STREAM and not stream.remote_closed:
-                stream.remote_closed = True
-                self._dispatch(stream)
-            else:
-                self._control(COSTS.late_frame)
-            return
-        if stream_id <= self.last_stream:
-            self._control(COSTS.late_frame)
-            return  # a stream we already answered or reset: what follows is moot
-        self.last_stream = stream_id
-        if self.going_away or len(self.streams) >= OUR_MAX_STREAMS:
-            if not self.resets.spend(self.now):
-                raise self._calm("too many refused streams")
-            self.write(_frame(RST_STREAM, 0, stream_id, struct.pack(">I", REFUSED_STREAM)))
-            return
+    def _on_request(self, event: RequestReceived) -> None:
+        headers = event.headers
         path = headers.get(b":path", b"")
         method = _PATHS.get(path, "")
         bearer = None
         authorization = headers.get(b"authorization")
         if authorization is not None:
             bearer = parse_bearer(authorization.decode("latin-1"))
-        stream = _Stream(self, stream_id, method, bearer, headers.get(b"grpc-encoding"))
-        self.streams[stream_id] = stream
-        stream.remote_closed = bool(flags & END_STREAM)
+        call = _Call(self, event.stream_id, method, bearer, headers.get(b"grpc-encoding"))
+        self.calls[event.stream_id] = call
         if headers.get(b":method") != b"POST":
-            self._control(COSTS.refused_call)
-            self._http_error(stream, b"405")
+            if self._charge(COSTS.refused_call):
+                self._http_error(call, b"405")
             return
         content_type = headers.get(b"content-type", b"")
         if not (content_type == b"application/grpc" or content_type.startswith(
             (b"application/grpc+", b"application/grpc;")
         )):  # fmt: skip
-            self._control(COSTS.refused_call)
-            self._http_error(stream, b"415")
+            if self._charge(COSTS.refused_call):
+                self._http_error(call, b"415")
             return
         if not method:
-            self._control(COSTS.refused_call)
-            self.send_trailers(stream, "UNIMPLEMENTED", f"unknown method {path.decode('latin-1')}")
+            if self._charge(COSTS.refused_call):
+                self.send_trailers(
+                    call, "UNIMPLEMENTED", f"unknown method {path.decode('latin-1')}"
+                )
             return
         if method is _HEALTH_CHECK or method is _HEALTH_WATCH:
-            self._control(COSTS.health_call)
+            if not self._charge(COSTS.health_call):
+                return
         else:
             try:
                 # Refuse a call whose token is wrong now, before buffering any of its request.
                 self.service.admit(method, bearer)
             except core.CoreError as err:
-                self._control(COSTS.refused_call)
-                self.send_trailers(stream, err.code, err.message)
+                if self._charge(COSTS.refused_call):
+                    self.send_trailers(call, err.code, err.message)
                 return
-            if method == "Subscribe" and self.owner.open_joins and not self.joins.spend(self.now):
-                self._control(COSTS.refused_call)
-                message = "too many Subscribe calls on this connection; retry later"
-                self.send_trailers(stream, "UNAVAILABLE", message)
+            if method == "Subscribe" and self.owner.open_joins and not self.h2.admit_join():
+                if self._charge(COSTS.refused_call):
+                    message = "too many Subscribe calls on this connection; retry later"
+                    self.send_trailers(call, "UNAVAILABLE", message)
                 return
-        if stream.remote_closed:
-            self._dispatch(stream)
+        if event.end_stream:
+            self._dispatch(call)
 
-    def _http_error(self, stream: _Stream, status: bytes) -> None:
-        """A plain HTTP answer (not a gRPC call at all): :status, nothing else."""
-        stream.headers_sent = stream.local_closed = True
-        block = b"\x08" + _hpack_int(len(status), 7) + status  # :status is static name 8
-        self.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id, block))
-        self._closed_locally(stream)
+    def _on_data(self, event: DataReceived) -> None:
+        call = self.calls.get(event.stream_id)
+        if call is None:
+            # Answered already, its trailers still waiting for the peer's window.
+            self._charge(COSTS.late_frame)
+            return
+        body = event.data
+        n = len(body)
+        open_call = call.method not in _AUTHENTICATED
+        limit = MAX_SUBSCRIBE_REQUEST if open_call else self.max_message
+        if open_call and self.subscribe_buffered + n > MAX_SUBSCRIBE_REQUEST:
+            # Calls anyone may make (Subscribe, health) hold little each, and little per
+            # connection in all: only authenticated calls may upload large messages.
+            message = "too many unfinished Subscribe requests on this connection"
+            self.send_trailers(call, "RESOURCE_EXHAUSTED", message)
+            return
+        if len(call.data) + n > limit + PREFIX:
+            self.send_trailers(
+                call, "RESOURCE_EXHAUSTED", f"request larger than the limit of {limit} bytes"
+            )
+            return
+        if self.buffered + n > self.max_message + MAX_SUBSCRIBE_REQUEST:
+            # One connection holds at most one largest message's worth of unfinished uploads.
+            self.send_trailers(
+                call,
+                "RESOURCE_EXHAUSTED",
+                "too many unfinished uploads on this connection; send large messages one at a time",
+            )
+            return
+        if event.end_stream and not call.data:
+            self._dispatch(call, body)  # the whole request in one frame: nothing to buffer
+            return
+        call.data += body
+        self.buffered += n
+        if open_call:
+            self.subscribe_buffered += n
+        if event.end_stream:
+            self._dispatch(call)
+
+    def _on_reset(self, stream_id: int) -> None:
+        call = self.calls.pop(stream_id, None)
+        if call is None:
+            return
+        call.done = True
+        self._release(call)
+        self._forget_worker(call)
+
+    def _release(self, call: _Call) -> None:
+        """Forget the call's buffered request bytes."""
+        n = len(call.data)
+        self.buffered -= n
+        if call.method not in _AUTHENTICATED:
+            self.subscribe_buffered -= n
+        call.data = bytearray()
 
     # ------------------------------------------------------------------ calls
 
-    def _request(self, stream: _Stream) -> bytes:
-        body = stream.data
-        self._release(stream)
+    def _request(self, call: _Call, body: bytes | None) -> bytes:
+        request: bytes | bytearray = body if body is not None else call.data
+        if body is None:
+            self._release(call)
         # Unauthenticated calls (Subscribe, health) are small; the rest is bounded by
         # max_message_bytes, also once inflated.
-        limit = self.max_message if stream.method in _AUTHENTICATED else MAX_SUBSCRIBE_REQUEST
-        return decode_request(body, stream.encoding, limit)
+        limit = self.max_message if call.method in _AUTHENTICATED else MAX_SUBSCRIBE_REQUEST
+        return decode_request(request, call.encoding, limit)
 
-    def _dispatch(self, stream: _Stream) -> None:
-        if stream.local_closed:
+    def _dispatch(self, call: _Call, body: bytes | None = None) -> None:
+        """Serve the call; its request is ``body``, or else what was buffered."""
+        if call.done:
             return
-        self.control.earn(COSTS.call_credit)
+        self.h2.earn(COSTS.call_credit)
         try:
-            message = self._request(stream)
-            if stream.method is _HEALTH_CHECK or stream.method is _HEALTH_WATCH:
-                self._health(stream, message)
+            message = self._request(call, body)
+            if call.method is _HEALTH_CHECK or call.method is _HEALTH_WATCH:
+                self._health(call, message)
                 return
-            if stream.method == "Subscribe":
-                worker_id = self.service.subscribe(message, stream.bearer, stream)
-                if stream.local_closed or stream.trailers is not None:
+            if call.method == "Subscribe":
+                worker_id = self.service.subscribe(message, call.bearer, call)
+                if call.done:
                     # Closed already while joining (a training that has finished): the
                     # service must still hear that the stream is over, once.
-                    asyncio.get_running_loop().call_soon(self.service.stream_ended, worker_id)
+                    self.loop.call_soon(self.service.stream_ended, worker_id)
                 else:
-                    stream.worker_id = worker_id
+                    call.worker_id = worker_id
                 return
-            response = self.service.unary(stream.method, message, stream.bearer)
+            response = self.service.unary(call.method, message, call.bearer)
         except (CallError, core.CoreError) as err:
-            self.send_trailers(stream, err.code, err.message)
+            self.send_trailers(call, err.code, err.message)
             return
         except Exception:
-            log.exception("%s failed", stream.method)
-            self.send_trailers(stream, "INTERNAL", "internal server error")
+            log.exception("%s failed", call.method)
+            self.send_trailers(call, "INTERNAL", "internal server error")
             return
-        self.send_message(stream, response)
-        self.send_trailers(stream, "OK", "")
+        if call.done or self.closed:
+            return
+        call.headers_sent = call.done = True
+        self.calls.pop(call.id, None)
+        self.h2.send_response(call.id, RESPONSE_HEADERS, frame_message(response), TRAILERS_OK)
+        if not self.in_turn:
+            self._send()
 
-    def _health(self, stream: _Stream, message: bytes) -> None:
+    def _health(self, call: _Call, message: bytes) -> None:
         health = self.owner.health
         try:
             name = health.check_request(message)
         except ValueError as err:
             raise CallError("INVALID_ARGUMENT", str(err)) from None
         status = health.status(name)
-        if stream.method is _HEALTH_CHECK:
+        if call.method is _HEALTH_CHECK:
             if status is None:
                 raise CallError("NOT_FOUND", f"unknown service {name!r}")
-            self.send_message(stream, health.response(status))
-            self.send_trailers(stream, "OK", "")
+            self.send_message(call, health.response(status))
+            self.send_trailers(call, "OK", "")
             return
         # Watch: the status now, then every change, until the client cancels.
-        self.send_message(stream, health.response(SERVICE_UNKNOWN if status is None else status))
+        self.send_message(call, health.response(SERVICE_UNKNOWN if status is None else status))
         if status is not None:
 
             def changed(new: int) -> None:
-                self.send_message(stream, health.response(new))
+                self.send_message(call, health.response(new))
 
-            stream.unwatch = health.watch(changed)
+            call.unwatch = health.watch(changed)
 
     # ------------------------------------------------------------------ keepalive
 
@@ -899,24 +598,15 @@ class _Connection(asyncio.Protocol):
             # alive; one whose backlog does not shrink is not.
             backlog = self.transport.get_write_buffer_size()
             if backlog < self.write_backlog:
-                self.last_seen = now
-                self.ping_sent = None
+                self.h2.peer_active(now)
             self.write_backlog = backlog
-            if now - self.last_seen > KEEPALIVE_IDLE + KEEPALIVE_TIMEOUT:
-                log.info("closing a connection whose peer stopped reading")
+        for event in self.h2.tick(now, peer_reading=not self.write_paused):
+            if isinstance(event, ConnectionTimedOut):
+                log.info("closing a connection: %s", event.reason)
                 self.closed = True
                 self.transport.abort()
-            return
-        if self.ping_sent is not None:
-            if now - self.ping_sent > KEEPALIVE_TIMEOUT:
-                log.info("closing a connection that stopped answering pings")
-                self.closed = True
-                if self.transport is not None:
-                    self.transport.abort()
-            return
-        if now - self.last_seen > KEEPALIVE_IDLE:
-            self.ping_sent = now
-            self.write(_frame(PING, 0, 0, b"keepaliv"))
+                return
+        self._send()
 
 
 class Http2Transport:
@@ -927,7 +617,7 @@ class Http2Transport:
         self.service = service
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
-        self.header_cache_entries = 0  # over all connections (HEADER_CACHE_TOTAL)
+        self.header_quota = HeaderCacheQuota(HEADER_CACHE_TOTAL)
         # Without a join token anyone may Subscribe: joins per connection are then capped.
         self.open_joins = not service.config.join_token
         self.health = Health()
@@ -939,6 +629,11 @@ class Http2Transport:
             self._ssl = context
         self._server: asyncio.Server | None = None
         self._keepalive: asyncio.Task[None] | None = None
+
+    @property
+    def header_cache_entries(self) -> int:
+        """Decoded header blocks cached over all connections (at most HEADER_CACHE_TOTAL)."""
+        return self.header_quota.used
 
     async def start(self, host: str, port: int) -> int:
         """Listens on host:port (0 = a free port) and returns the port."""
@@ -953,9 +648,10 @@ class Http2Transport:
         return int(server.sockets[0].getsockname()[1])
 
     async def _run_keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(KEEPALIVE_TIMEOUT / 4)
-            now = time.monotonic()
+            now = loop.time()
             for conn in list(self.connections):
                 conn.check_alive(now)
 
@@ -965,22 +661,23 @@ class Http2Transport:
         if server is None:
             return
         server.close()
+        loop = asyncio.get_running_loop()
         if self._keepalive is not None:
             self._keepalive.cancel()
         self.health.stop()
         for conn in list(self.connections):
             # Health Watch calls last as long as the client wants: end them now.
-            for stream in [s for s in conn.streams.values() if s.unwatch is not None]:
-                conn.send_trailers(stream, "UNAVAILABLE", "server stopping")
+            for call in [c for c in conn.calls.values() if c.unwatch is not None]:
+                conn.send_trailers(call, "UNAVAILABLE", "server stopping")
             conn.goaway(NO_ERROR, "server stopping", close=not conn.streams)
-        deadline = time.monotonic() + (grace or 0.0)
-        while any(c.streams for c in self.connections) and time.monotonic() < deadline:
+        deadline = loop.time() + (grace or 0.0)
+        while any(c.streams for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
         # close() lets buffered output drain; a peer that does not read never lets it.
-        deadline = time.monotonic() + 1.0
-        while self.connections and time.monotonic() < deadline:
+        deadline = loop.time() + 1.0
+        while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             if conn.transport is not None:
