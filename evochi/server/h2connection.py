@@ -16,8 +16,8 @@ message framing, per-call upload limits) is the caller's: see http2.py.
 
 Frames are parsed lazily (:meth:`~H2Connection.receive_events`): a frame is served only
 once the caller has handled the event of the one before, so a call answered and closed
-from inside an event no longer counts against the stream limit when the next HEADERS
-arrives, exactly as if each frame had its own ``receive``.
+from inside an event is already out of the stream count when the next HEADERS arrives,
+exactly as if each frame had its own ``receive``.
 """
 
 from __future__ import annotations
