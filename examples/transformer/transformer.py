@@ -72,9 +72,9 @@ def exact_match(model: nn.Module) -> float:
 
 class Reverse(TorchESWorker):
     default_config = ESConfig(
-        population_size=256, sigma=0.02, learning_rate=0.003, perturbation="lowrank", rank=1
+        population_size=256, sigma=0.01, learning_rate=0.003, perturbation="lowrank", rank=1
     )
-    batch_size = 32
+    batch_size = 16
 
     def make_policy(self) -> nn.Module:
         return SequenceModel().eval()
