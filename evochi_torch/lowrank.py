@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .noise import NoiseTable, noise_weighted_sum
+from .noise import NoiseTable, accumulate_windows, merged_coefficients
 
 __all__ = [
     "FACTOR_GRID",
@@ -257,37 +257,24 @@ class LowRankNoise:
         member ``i``'s perturbation direction (``A_i @ B_i.T / sqrt(r)`` for matrices).
 
         Members sharing a window (antithetic pairs) are merged first and each coefficient is
-        rounded to float32 once, as :func:`~evochi_torch.noise.noise_weighted_sum` does (which
-        computes the dense part). Per matrix the sum is one float64 matrix product over
-        integer-valued operands, exact whatever the BLAS does, rounded once to float32.
+        rounded to float32 once (:func:`~evochi_torch.noise.merged_coefficients`); the dense
+        part accumulates as :func:`~evochi_torch.noise.noise_weighted_sum` does. Per matrix
+        the sum is one float64 matrix product over integer-valued operands, exact whatever the
+        BLAS does, rounded once to float32.
         """
         lay = self.layout
         self.window_size(num_params)
-        w = np.asarray(
-            weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights,
-            dtype=np.float64,
-        ).reshape(-1)
-        offs = offsets.cpu().numpy().astype(np.int64, copy=False).reshape(-1)
-        sgn = signs.cpu().numpy().astype(np.float64).reshape(-1)
-        if not (w.shape == offs.shape == sgn.shape):
-            raise ValueError("weights, offsets and signs must have the same length")
-        if not np.all(np.isfinite(w)):
-            raise ValueError("weighted_sum: weights must be finite")
-        if offs.size and (offs.min() < 0 or offs.max() > self.table.size - lay.dim):
-            raise ValueError("weighted_sum: an offset's window falls outside the noise table")
+        merged = merged_coefficients(offsets, signs, weights, lay.dim, self.table.size, scale=scale)
         out = torch.zeros(num_params, dtype=torch.float32)
         if lay.dense_size:
-            dense = noise_weighted_sum(self.table, offsets, signs, w, lay.dense_size, scale=scale)
+            dense = accumulate_windows(self.table.data, merged, lay.dense_size)
             for seg in lay.dense:
                 out[seg.offset : seg.offset + seg.numel] = dense[
                     seg.window : seg.window + seg.numel
                 ]
         if not lay.lowrank:
             return out
-        merged: dict[int, float] = {}
-        for o, wi, si in zip(offs.tolist(), w.tolist(), sgn.tolist(), strict=True):
-            merged[o] = merged.get(o, 0.0) + wi * si
-        coefs = np.array([float(np.float32(c * scale)) for c in merged.values()])
+        coefs = np.array(list(merged.values()), dtype=np.float64)
         keys = torch.tensor(list(merged), dtype=torch.int64)
         biggest = float(np.max(np.abs(coefs))) if coefs.size else 0.0
         if biggest == 0.0:

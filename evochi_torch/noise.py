@@ -350,6 +350,23 @@ def noise_weighted_sum(
     float32 once, then accumulated in member order with separate multiply and add. Peak extra
     memory is two ``[P]`` buffers; the result is bit-identical for any ``torch`` thread count.
     """
+    coefs = merged_coefficients(offsets, signs, weights, num_params, table.size, scale=scale)
+    return accumulate_windows(table.data, coefs, num_params)
+
+
+def merged_coefficients(
+    offsets: torch.Tensor,
+    signs: torch.Tensor,
+    weights: np.ndarray | torch.Tensor | Sequence[float],
+    window: int,
+    table_size: int,
+    *,
+    scale: float = 1.0,
+) -> dict[int, float]:
+    """``{offset: float32(scale * sum of weights[i] * signs[i] over the members at offset)}``
+    in first-occurrence order: members sharing a window (antithetic pairs) merged in float64,
+    each coefficient rounded to float32 once. Checks lengths, finiteness and that every
+    ``window``-long window lies in the table."""
     w = np.asarray(
         weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else weights,
         dtype=np.float64,
@@ -363,20 +380,22 @@ def noise_weighted_sum(
         )
     if not np.all(np.isfinite(w)):
         raise ValueError("noise_weighted_sum: weights must be finite")
-    if offs.size and (offs.min() < 0 or offs.max() > table.size - num_params):
+    if offs.size and (offs.min() < 0 or offs.max() > table_size - window):
         raise ValueError("noise_weighted_sum: an offset's window falls outside the noise table")
-
-    # Merge members that share a window, keeping first-occurrence order (deterministic).
-    coef: dict[int, float] = {}
+    merged: dict[int, float] = {}
     for o, wi, si in zip(offs.tolist(), w.tolist(), sgn.tolist(), strict=True):
-        coef[o] = coef.get(o, 0.0) + wi * si
-    data = table.data
-    acc = torch.zeros(num_params, dtype=torch.float32)
-    tmp = torch.empty(num_params, dtype=torch.float32)
-    for o, c in coef.items():
-        c32 = float(np.float32(c * scale))
-        if c32 == 0.0:
+        merged[o] = merged.get(o, 0.0) + wi * si
+    return {o: float(np.float32(c * scale)) for o, c in merged.items()}
+
+
+def accumulate_windows(data: torch.Tensor, coefs: dict[int, float], length: int) -> torch.Tensor:
+    """``sum_o coefs[o] * data[o : o + length]`` (float32 ``[length]``) with a separate multiply
+    and add per window, in ``coefs``' order: the same bits whatever the thread count."""
+    acc = torch.zeros(length, dtype=torch.float32)
+    tmp = torch.empty(length, dtype=torch.float32)
+    for o, c in coefs.items():
+        if c == 0.0:
             continue
-        torch.mul(data[o : o + num_params], c32, out=tmp)
+        torch.mul(data[o : o + length], c, out=tmp)
         acc.add_(tmp)
     return acc
