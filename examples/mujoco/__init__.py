@@ -1,4 +1,4 @@
-"""MuJoCo locomotion (HalfCheetah, Hopper, Walker2d, Ant) with distributed ES: see mujoco.py."""
+"""MuJoCo locomotion (HalfCheetah, Hopper, Walker2d, Ant, Humanoid) with distributed ES."""
 
 from examples.mujoco.mujoco import (
     SETTINGS,
@@ -6,6 +6,7 @@ from examples.mujoco.mujoco import (
     Args,
     HalfCheetah,
     Hopper,
+    Humanoid,
     MuJoCoES,
     MuJoCoSettings,
     Walker2d,
@@ -18,6 +19,7 @@ __all__ = [
     "Args",
     "HalfCheetah",
     "Hopper",
+    "Humanoid",
     "MuJoCoES",
     "MuJoCoSettings",
     "Walker2d",

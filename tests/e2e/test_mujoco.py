@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import pytest
 import torch
 
@@ -114,6 +115,11 @@ def test_every_strategy_preset_trains_through_the_benchmark_table(tmp_path, caps
     ars = PRESETS["Walker2d-v5/ars"][1]
     assert ars.env.hidden == () and ars.es.population_size == 80
     assert ars.es.strategy_options == {"top_directions": 30}
+    # ARS removes the survival bonus during training: Humanoid's is 5 per step, not 1.
+    humanoid = PRESETS["Humanoid-v5/ars"][1]
+    bonus = gym.make("Humanoid-v5").unwrapped._healthy_reward
+    assert humanoid.env.reward_shift == bonus == 5.0
+    assert humanoid.es.population_size == 460 and humanoid.env.hidden == ()
     argv = ["--table", "--env-steps", "1", "--envs", "Hopper-v5", "--strategies", "pgpe",
             "--runs-dir", str(tmp_path), "--", "--env.episode-steps", "30",
             "--run.max-epochs", "2", "--final-episodes", "1", "--run.quiet"]  # fmt: skip
