@@ -60,6 +60,7 @@ __all__ = [
     "load_checkpoint",
     "load_policy",
     "save_checkpoint",
+    "save_state_dict",
     "state_digest",
 ]
 
@@ -381,3 +382,20 @@ def load_policy(module: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             f"{type(module).__name__} has {expected}: is it the same architecture?"
         )
     return load_flat(module, state.params)
+
+
+def save_state_dict(path: str | os.PathLike[str], module: nn.Module, epoch: int) -> Path:
+    """Write ``module.state_dict()`` as a plain safetensors file that ``module.load_state_dict(
+    safetensors.torch.load_file(path))`` takes back. Tied weights (a language model's head
+    sharing the embedding) are written once per name, as safetensors keeps no shared storage."""
+    seen: set[tuple[int, int]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in module.state_dict().items():
+        value = value.detach()
+        key = (value.untyped_storage().data_ptr(), value.storage_offset())
+        tensors[name] = value.clone() if key in seen else value.contiguous()
+        seen.add(key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path), metadata={"epoch": str(epoch)})
+    return path

@@ -121,7 +121,26 @@ class LowRankPolicy:
     def __len__(self) -> int:
         return self._count
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def member(self, b: int) -> nn.Module:
+        """The module holding the parameters of member ``members[b]``, for code that takes one
+        model (``model.generate``, a simulator's controller). They are written into
+        ``self.module`` in place (one member's memory, no more), so the next call replaces
+        them: use the module before asking for another member."""
+        if not -self._count <= b < self._count:
+            raise IndexError(f"member {b} of a batch of {self._count}")
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                if name in self.base:
+                    a = self.batched["a:" + name][b]
+                    v = self.batched["b:" + name][b, :, : self.rank]
+                    p.copy_(torch.addmm(self.base[name], a, v.T))
+                else:
+                    p.copy_(self.batched[name][b])
+        return self.module
+
+    def __call__(self, *inputs: torch.Tensor, **options: Any) -> Any:
+        """Runs the members on ``inputs`` (each ``[B, ...]``); keyword ``options`` go to the
+        module's forward unchanged, the same for every member."""
         xs = []
         for x in inputs:
             x = torch.as_tensor(x)
@@ -147,7 +166,7 @@ class LowRankPolicy:
                 elif not key.startswith("b:"):
                     params[key] = value
             with _LowRankMode(factors, rank):
-                return torch.func.functional_call(module, (params, buffers), member_inputs)
+                return torch.func.functional_call(module, (params, buffers), member_inputs, options)
 
         with torch.no_grad():
             return torch.func.vmap(run, randomness="different")(self.batched, *xs)
@@ -228,6 +247,8 @@ class _LowRankMode(TorchFunctionMode):
             return self.embedding(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return _multi_head_attention(self, *args, **kwargs)
+        if func is torch.addmm and len(args) == 3 and not kwargs and self._get(args[2]):
+            return self.addmm(*args)
         if not self._touches(args, kwargs):
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
@@ -259,6 +280,18 @@ class _LowRankMode(TorchFunctionMode):
         if rows is not None:
             a = a[rows[0] : rows[1]]
         return _add_low_rank_(y, x @ b, a, self.rank)
+
+    def addmm(self, bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``bias + x @ weight`` with ``weight`` stored ``[in, out]`` (GPT-2's ``Conv1D``): the
+        shared product plus ``(x @ A) @ B.T``."""
+        found = self._get(weight)
+        assert found is not None
+        a, b, _ = found
+        y = _add(shared_linear(x, weight.T), bias)
+        if self.rank == 1:
+            # A one-column product rounds by the batch (see LowRankPolicy's ``b``).
+            a = F.pad(a, (0, 1))
+        return _add_low_rank_(y, x @ a, b, self.rank)
 
     def embedding(self, idx: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any):
         found = self._get(weight)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -265,14 +265,28 @@ class PopulationPolicy:
     def __len__(self) -> int:
         return self.batch_size
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def member(self, b: int) -> nn.Module:
+        """The module holding member ``b``'s parameters, for code that takes one model
+        (``model.generate``, a simulator's controller). They are written into ``self.module``
+        in place, so the next call replaces them: use the module before asking for another."""
+        if not -self.batch_size <= b < self.batch_size:
+            raise IndexError(f"member {b} of a batch of {self.batch_size}")
+        return load_flat(self.module, self.params[b])
+
+    def __call__(self, *inputs: torch.Tensor, **options: Any) -> Any:
+        """Runs the members on ``inputs`` (each ``[B, ...]``). Keyword ``options`` go to the
+        module's forward unchanged, the same for every member (e.g. ``use_cache=False`` for a
+        Hugging Face model); the output may be any tree of tensors with the leading ``B``."""
         inputs = tuple(self._prepare(x) for x in inputs)
         with torch.no_grad():
             if self.mode == "bmm":
-                if len(inputs) != 1:
-                    raise TypeError(f"an MLP takes one input, got {len(inputs)}")
+                if len(inputs) != 1 or options:
+                    raise TypeError(
+                        f"an MLP takes one input and no options, got {len(inputs)} inputs and "
+                        f"options {sorted(options)}"
+                    )
                 return self._forward_bmm(inputs[0])
-            return self._forward_vmap(inputs)
+            return self._forward_vmap(inputs, options)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -343,7 +357,7 @@ class PopulationPolicy:
                 h = step(h.clone() if h is x_view else h)
         return h.reshape(b, *middle, h.shape[-1])
 
-    def _forward_vmap(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _forward_vmap(self, inputs: tuple[torch.Tensor, ...], options: dict[str, Any]) -> Any:
         params = {
             s.name: self.params[:, s.offset : s.offset + s.numel].view(self.batch_size, *s.shape)
             for s in self.layout
@@ -352,8 +366,8 @@ class PopulationPolicy:
         buffers = {name: buf.to(device) for name, buf in self.module.named_buffers()}
         module = self.module
 
-        def run(p: dict[str, torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(module, (p, buffers), xs)
+        def run(p: dict[str, torch.Tensor], *xs: torch.Tensor) -> Any:
+            return torch.func.functional_call(module, (p, buffers), xs, options)
 
         return torch.func.vmap(run, in_dims=(0,) + (0,) * len(inputs), randomness="different")(
             params, *inputs

@@ -428,16 +428,13 @@ def _play(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evochi_torch.codec import save_checkpoint
+    from evochi_torch.codec import save_checkpoint, save_state_dict
     from evochi_torch.harness import load_state, offline_worker
 
     state = load_state(args.source)
     if args.state_dict:
-        from safetensors.torch import save_file
-
         policy = offline_worker(load_class(args.state_dict), state).center_policy()
-        tensors = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
-        save_file(tensors, args.out, metadata={"epoch": str(state.epoch)})
+        save_state_dict(args.out, policy, state.epoch)
     else:
         save_checkpoint(args.out, state)
     print(f"wrote {args.out} (epoch {state.epoch}, {state.params.numel()} parameters)")

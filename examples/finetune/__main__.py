@@ -1,0 +1,5 @@
+import sys
+
+from examples.finetune.finetune import main
+
+sys.exit(main())
