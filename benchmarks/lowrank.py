@@ -7,6 +7,7 @@ forward  A population step (building the members' perturbations + the forward pa
            * token: one token per member (memory-bound, like decoding), with the traffic
              bound beside it: a low-rank step reads the weights plus every member's factors,
              so at best it runs at weights / (weights + factors) of inference's speed.
+peak     Peak RSS of the same two, each once in its own process.
 update   The low-rank update (:meth:`LowRankNoise.weighted_sum`) against the full-rank one
          (:func:`noise_weighted_sum`) at 1M, 19M and 100M parameters, time and peak memory
          (each in its own process).
@@ -15,6 +16,7 @@ quality  Low-rank against full-rank OpenAI-ES on the digits task (8x8 images, ML
 
     python -m benchmarks.lowrank forward --d-model 512 --members 256 --regime wide
     python -m benchmarks.lowrank forward --d-model 2048 --members 256 --regime token
+    python -m benchmarks.lowrank peak --d-model 512 --members 256 --regime wide
     python -m benchmarks.lowrank update
     python -m benchmarks.lowrank quality
     python -m benchmarks.lowrank all --quick      # small sizes, a minute
@@ -58,9 +60,12 @@ def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def forward(args: argparse.Namespace) -> dict[str, float]:
+def _sides(
+    args: argparse.Namespace, check: bool = True
+) -> tuple[Callable[[], object], Callable[[], object], int, LowRankLayout]:
+    """The forward benchmark's (plain inference, low-rank population step), the parameter
+    count and the low-rank layout. `check`: first compare the two on a few members."""
     device = torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     module = transformer(args.d_model, args.layers).to(device)
     params = sum(p.numel() for p in module.parameters())
     members = args.members
@@ -83,12 +88,20 @@ def forward(args: argparse.Namespace) -> dict[str, float]:
         policy = LowRankPolicy(module, center, noise, offsets, signs, 0.01, everyone)
         return policy(x)
 
-    # The two agree (members at sigma -> 0 are the center), checked once on a few members.
-    few = torch.arange(min(4, members))
-    tiny = LowRankPolicy(module, center, noise, offsets, signs, 1e-9, few)(x[few])
-    torch.testing.assert_close(tiny.reshape(-1, *tiny.shape[-2:]),
-                               plain().reshape(members, -1, *tiny.shape[-2:])[few].reshape(
-                                   -1, *tiny.shape[-2:]), rtol=1e-3, atol=1e-3)  # fmt: skip
+    if check:  # members at sigma -> 0 are the center
+        few = torch.arange(min(4, members))
+        tiny = LowRankPolicy(module, center, noise, offsets, signs, 1e-9, few)(x[few])
+        torch.testing.assert_close(tiny.reshape(-1, *tiny.shape[-2:]),
+                                   plain().reshape(members, -1, *tiny.shape[-2:])[few].reshape(
+                                       -1, *tiny.shape[-2:]), rtol=1e-3, atol=1e-3)  # fmt: skip
+    return plain, lowrank, params, layout
+
+
+def forward(args: argparse.Namespace) -> dict[str, float]:
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    plain, lowrank, params, layout = _sides(args)
+    members = args.members
     plain(), lowrank()  # warm-up
     times: dict[str, list[float]] = {"plain": [], "lowrank": []}
     for _ in range(args.rounds):
@@ -119,6 +132,38 @@ def forward(args: argparse.Namespace) -> dict[str, float]:
         flush=True,
     )
     return row
+
+
+def side_peak(args: argparse.Namespace) -> None:
+    """One side of the forward benchmark, once, in this process: prints its peak RSS."""
+    plain, lowrank, _, _ = _sides(args, check=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (plain if args.side == "plain" else lowrank)()
+    top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_mib": before / 1024, "peak_mib": top / 1024}))
+
+
+def peak_memory(args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of plain inference and of the low-rank step, each in its own process."""
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}"
+             for k in ("d_model", "layers", "members", "rank", "regime", "seqs", "tokens",
+                       "device", "threads")]  # fmt: skip
+    result = {}
+    for side in ("plain", "lowrank"):
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.lowrank", "side", "--side", side, *flags],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    plain, low = result["plain"], result["lowrank"]
+    print(
+        f"peak {args.regime:5s} d_model={args.d_model} members={args.members} rank={args.rank}: "
+        f"plain inference {plain['peak_mib']:.0f} MiB (model and inputs {plain['before_mib']:.0f}"
+        f"), low-rank step {low['peak_mib']:.0f} MiB (model, inputs, noise "
+        f"{low['before_mib']:.0f}) -> {low['peak_mib'] / plain['peak_mib']:.2f}x",
+        flush=True,
+    )
+    return {"plain_mib": plain["peak_mib"], "lowrank_mib": low["peak_mib"]}
 
 
 _UPDATE = """
@@ -247,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Low-rank ES benchmarks (see the module docstring for what each measures)."
     )
-    parser.add_argument("what", choices=["forward", "update", "quality", "all"])
+    parser.add_argument("what", choices=["forward", "peak", "update", "quality", "all", "side"])
+    parser.add_argument("--side", choices=["plain", "lowrank"], help=argparse.SUPPRESS)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--members", type=int, default=256)
@@ -262,6 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.what == "side":
+        side_peak(args)
+        return
+    if args.what == "peak":
+        peak_memory(args)
+        return
     if args.what in ("forward", "all"):
         if args.what == "all":
             for regime, d, members in (

@@ -79,14 +79,16 @@ def test_layout_factors_the_matrices_that_gain_and_keeps_the_rest_dense():
         LowRankLayout([(4, 4)], rank=0)
 
 
+# 3 x 7 rows per member add the low-rank terms column by column, 10 x 7 (> 64) by a product.
+@pytest.mark.parametrize("seqs", [3, 10])
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("make", [TinyTransformer, CrossAttention])
-def test_forward_equals_explicit_perturbed_weights(make, rank):
+def test_forward_equals_explicit_perturbed_weights(make, rank, seqs):
     torch.manual_seed(1)
     module = make().eval()
     noise, offsets, signs, center = _setup(module, rank)
     members = torch.arange(8)
-    x = torch.randint(0, 11, (8, 3, 7)) if make is TinyTransformer else torch.randn(8, 2, 5, 24)
+    x = torch.randint(0, 11, (8, seqs, 7)) if make is TinyTransformer else torch.randn(8, 2, 5, 24)
     got = LowRankPolicy(module, center, noise, offsets, signs, 0.05, members)(x)
     explicit = noise.materialize(center, offsets, signs, 0.05, members)
     want = PopulationPolicy(module, explicit, mode="vmap")(x)
@@ -113,12 +115,13 @@ def test_explicit_members_are_center_plus_sigma_times_the_rank_r_product():
     assert torch.equal(a * 32, torch.round(a * 32))
 
 
+@pytest.mark.parametrize("seqs", [3, 10])
 @pytest.mark.parametrize("rank", [1, 3])
-def test_a_members_output_does_not_depend_on_how_the_population_is_split(rank):
+def test_a_members_output_does_not_depend_on_how_the_population_is_split(rank, seqs):
     torch.manual_seed(2)
     module = TinyTransformer().eval()
     noise, offsets, signs, center = _setup(module, rank, population=12)
-    x = torch.randint(0, 11, (12, 3, 7))
+    x = torch.randint(0, 11, (12, seqs, 7))
     everyone = LowRankPolicy(module, center, noise, offsets, signs, 0.05, torch.arange(12))(x)
     for part in (torch.tensor([5]), torch.arange(3, 10), torch.tensor([11, 0, 7])):
         alone = LowRankPolicy(module, center, noise, offsets, signs, 0.05, part)(x[part])
