@@ -25,7 +25,9 @@ directory, env, strategy) make one row, seeds side by side: env steps, wall-cloc
 core-minutes (medians over seeds), the run's env steps/s as a fraction of the env's limit on
 the same machine, the return of each seed and their median. `--plots` draws each row's
 curves (center return against env steps and against wall-clock) into ``curves.png`` beside
-its seeds. `collect` copies a run directory's kept part into a result directory and writes
+its seeds. Below it, for the envs with a target return (`TARGETS`, `--target`), each seed's
+env steps, wall-clock and core-minutes at the first epoch whose center return reached it.
+`collect` copies a run directory's kept part into a result directory and writes
 its policy file.
 """
 
@@ -85,6 +87,14 @@ class Result:
         if self.limit is None:
             return None
         return fraction_of_limit(self.env_steps, self.seconds, self.limit)
+
+    def first_reach(self, target: float) -> tuple[int, float] | None:
+        """(env steps, seconds) at the first epoch whose center return (that epoch's
+        evaluation episode) reaches `target`; None if none does."""
+        for steps, seconds, ret in zip(*self.curve(), strict=True):
+            if ret >= target:
+                return steps, seconds
+        return None
 
     def curve(self) -> tuple[list[int], list[float], list[float]]:
         """(env steps, seconds, center return) of the epochs that have a center return."""
@@ -209,6 +219,37 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Returns whose first reaching is tabulated with its cost: the published bars of an env.
+TARGETS = {"Humanoid-v5": 6000.0}
+
+REACH_HEADER = "| result | target | per seed: env steps, wall-clock, core-min to first reach it |"
+
+
+def reach_row(row: Row, target: float) -> str:
+    """One markdown row: for every seed, the cost of its first epoch at `target` or above."""
+    cells = []
+    for r in row.results:
+        hit = r.first_reach(target)
+        if hit is None:
+            steps, _, returns = r.curve()
+            best = max(returns, default=float("nan"))
+            cells.append(f"s{r.seed}: not reached in {r.env_steps:,} (best {best:.0f})")
+            continue
+        steps, seconds = hit
+        cost = None if r.cores is None else core_minutes(seconds, r.cores)
+        cells.append(f"s{r.seed}: {steps:,}, {seconds:.0f} s, {_fmt(cost, '.0f')} core-min")
+    return f"| {row.label} | {target:.0f} | " + "; ".join(cells) + " |"
+
+
+def reach_markdown(rows: Sequence[Row], targets: dict[str, float]) -> str:
+    """The first-reach table of the rows whose env has a target ('' when none has)."""
+    lines = [reach_row(row, targets[row.results[0].env]) for row in rows
+             if row.results[0].env in targets]  # fmt: skip
+    if not lines:
+        return ""
+    return "\n".join([REACH_HEADER, "|---|---|---|", *lines]) + "\n"
+
+
 def plot(row: Row, path: Path) -> Path:
     """The row's curves, one line per seed: center return against env steps (left) and
     against wall-clock minutes (right)."""
@@ -232,16 +273,24 @@ def plot(row: Row, path: Path) -> Path:
     return path
 
 
-def table(root: Path, plots: bool = False, only: Sequence[str] = ()) -> str:
+def table(
+    root: Path,
+    plots: bool = False,
+    only: Sequence[str] = (),
+    targets: dict[str, float] | None = None,
+) -> str:
     """The markdown table of every result under `root` (of the rows whose label matches one of
-    the glob patterns `only`, when given); with `plots`, each row's curves."""
+    the glob patterns `only`, when given), then the cost of first reaching each env's target
+    (`TARGETS` by default); with `plots`, each row's curves."""
+    targets = TARGETS if targets is None else targets
     rows = group(find_results(root), Path(root))
     if only:
         rows = [row for row in rows if any(fnmatch.fnmatchcase(row.label, p) for p in only)]
     if plots:
         for row in rows:
             plot(row, row.where / "curves.png")
-    return markdown(rows)
+    reach = reach_markdown(rows, targets)
+    return markdown(rows) + ("\n" + reach if reach else "")
 
 
 # --------------------------------------------------------------------------- collecting
@@ -307,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         "may be repeated",
     )
     t.add_argument("--out", type=Path, default=None, help="write the table here too")
+    t.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="ENV=RETURN",
+        help="tabulate the cost of first reaching RETURN on ENV (default: "
+        + ", ".join(f"{k}={v:.0f}" for k, v in TARGETS.items())
+        + "); may be repeated",
+    )
     c = sub.add_parser(
         "collect",
         help="copy benchmark runs into a result directory",
@@ -326,7 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.root.exists():
         parser.error(f"{args.root} does not exist")
-    text = table(args.root, plots=args.plots, only=args.only)
+    targets = dict(TARGETS)
+    for spec in args.target:
+        env, sep, value = spec.partition("=")
+        try:
+            targets[env] = float(value)
+        except ValueError:
+            parser.error(f"--target wants ENV=RETURN, got {spec!r}")
+        if not sep or not env:
+            parser.error(f"--target wants ENV=RETURN, got {spec!r}")
+    text = table(args.root, plots=args.plots, only=args.only, targets=targets)
     print(text, end="")
     if args.out is not None:
         args.out.write_text(text)

@@ -316,3 +316,30 @@ def test_provenance_names_command_commit_machine_and_versions() -> None:
     assert len(meta["commit"]) == 40 or meta["commit"] == UNRECORDED
     assert meta["machine"]["cpu"] and meta["machine"]["logical_cores"] >= 1
     assert {"python", "evochi", "torch", "numpy", "mujoco", "gymnasium"} <= meta["versions"].keys()
+
+
+def test_first_reach_of_a_target_with_its_cost(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "results"
+    where = root / "Humanoid-v5" / "ars" / "3e7"
+    # Center returns per epoch are ret * epoch / 4: 2000, 4000, 6000, 8000 for ret 8000.
+    make_run(where, "s0", "Humanoid-v5", "ars", 0, seconds=4000, env_steps=28_000_000,
+             ret=8000.0, meta=measured(cores=2))  # fmt: skip
+    make_run(where, "s1", "Humanoid-v5", "ars", 1, seconds=4000, env_steps=30_000_000,
+             ret=5000.0, meta=measured(cores=2))  # fmt: skip
+    make_run(root / "Hopper-v5" / "ars" / "1e7", "s0", "Hopper-v5", "ars", 0, seconds=100,
+             env_steps=1_000_000, ret=9000.0, meta=measured())  # fmt: skip
+    text = table(root)
+    lines = [line for line in text.splitlines() if "per seed: env steps" in line]
+    assert len(lines) == 1
+    reach = text.splitlines()[text.splitlines().index(lines[0]) + 2 :]
+    # Only Humanoid-v5 has a target by default; seed 0 first reaches 6000 at epoch 3.
+    assert reach == [
+        "| Humanoid-v5/ars/3e7 | 6000 | s0: 21,000,000, 3000 s, 100 core-min; "
+        "s1: not reached in 30,000,000 (best 5000) |"
+    ]
+    assert main(["table", str(root), "--target", "Hopper-v5=4000"]) == 0
+    out = capsys.readouterr().out
+    assert "| Hopper-v5/ars/1e7 | 4000 | s0: 500,000, 50 s, 2 core-min |" in out
+    with pytest.raises(SystemExit):
+        main(["table", str(root), "--target", "Hopper-v5"])
+    assert "--target wants ENV=RETURN" in capsys.readouterr().err
