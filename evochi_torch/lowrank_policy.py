@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .lowrank import LowRankNoise
 
@@ -50,6 +51,9 @@ class LowRankPolicy:
         offsets, signs: the epoch's ``(offsets, signs)`` (the strategy's ``ask``).
         sigma: the perturbation scale (a float).
         members: int64 indices of the members to run.
+        members_per_call: how many members one vmapped forward pass runs; ``None``: on a
+            CPU, as many as make about ``2048`` input rows (see ``_CPU_ROWS``), elsewhere
+            all of them. A member's output is the same for any value.
 
     ``policy(x)`` with ``x`` of shape ``[B, ...]`` runs row ``b`` with member ``members[b]``,
     like :class:`~evochi_torch.population.PopulationPolicy`.
@@ -66,9 +70,13 @@ class LowRankPolicy:
         signs: torch.Tensor,
         sigma: float,
         members: torch.Tensor,
+        members_per_call: int | None = None,
     ) -> None:
         if isinstance(sigma, torch.Tensor):
             raise ValueError("low-rank perturbations need a scalar sigma")
+        if members_per_call is not None and members_per_call < 1:
+            raise ValueError(f"members_per_call must be at least 1, got {members_per_call}")
+        self.members_per_call = members_per_call
         layout = noise.layout
         named = list(module.named_parameters())
         if [tuple(p.shape) for _, p in named] != list(layout.shapes):
@@ -154,6 +162,32 @@ class LowRankPolicy:
                 if x.is_floating_point()
                 else x.to(device=self.device)
             )
+        step = self._members_per_call(xs)
+        if step >= self._count:
+            return self._run(self.batched, xs, options)
+        parts = [
+            self._run(
+                {k: v[s : s + step] for k, v in self.batched.items()},
+                [x[s : s + step] for x in xs],
+                options,
+            )
+            for s in range(0, self._count, step)
+        ]
+        # vmap's outputs are trees of tensors, each with the member dimension first.
+        return tree_map(lambda *ts: torch.cat(ts), parts[0], *parts[1:])
+
+    def _members_per_call(self, xs: list[torch.Tensor]) -> int:
+        if self.members_per_call is not None:
+            return self.members_per_call
+        if self.device.type != "cpu" or self._count == 0:
+            return max(1, self._count)
+        rows = sum(
+            x[0].numel() // x.shape[-1] if x.is_floating_point() and x.dim() > 1 else x[0].numel()
+            for x in xs
+        )
+        return max(1, _CPU_ROWS // max(1, rows))
+
+    def _run(self, batched: dict[str, torch.Tensor], xs: list[torch.Tensor], options: Any) -> Any:
         module, base, buffers, rank = self.module, self.base, self.buffers, self.rank
 
         def run(batched: dict[str, torch.Tensor], *member_inputs: torch.Tensor) -> Any:
@@ -169,10 +203,18 @@ class LowRankPolicy:
                 return torch.func.functional_call(module, (params, buffers), member_inputs, options)
 
         with torch.no_grad():
-            return torch.func.vmap(run, randomness="different")(self.batched, *xs)
+            return torch.func.vmap(run, randomness="different")(batched, *xs)
 
 
 _WARNED: set[str] = set()
+
+# Input rows per vmapped call on a CPU. A population's intermediates (the feed-forward block's
+# hidden layer, a member's own bias, layer-norm affine, activation and low-rank terms, each a
+# pass over memory the plain module fuses away) stay in the last-level cache at this size; all
+# members at once stream them through DRAM. Measured on a 19M-parameter transformer with 512
+# rows per member, 32 members on one thread: 0.74x of plain inference in one call, 0.90x in
+# calls of 4 members.
+_CPU_ROWS = 2048
 
 # From this many rows per member the low-rank term is accumulated by a product (one pass over
 # the output), below it added column by column.

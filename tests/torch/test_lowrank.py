@@ -19,7 +19,7 @@ from evochi_torch import ESConfig
 from evochi_torch.lowrank import LowRankLayout, LowRankNoise, noise_for
 from evochi_torch.lowrank_policy import LowRankPolicy
 from evochi_torch.noise import NoiseTable, member_offsets
-from evochi_torch.population import PopulationPolicy, flatten_params
+from evochi_torch.population import PopulationPolicy, flatten_params, load_flat
 from evochi_torch.strategies import get_strategy
 
 
@@ -126,6 +126,46 @@ def test_a_members_output_does_not_depend_on_how_the_population_is_split(rank, s
     for part in (torch.tensor([5]), torch.arange(3, 10), torch.tensor([11, 0, 7])):
         alone = LowRankPolicy(module, center, noise, offsets, signs, 0.05, part)(x[part])
         assert torch.equal(alone, everyone[part])
+    for per_call in (1, 5):
+        split = LowRankPolicy(
+            module, center, noise, offsets, signs, 0.05, torch.arange(12), members_per_call=per_call
+        )
+        assert torch.equal(split(x), everyone)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x)
+        return {"features": h, "logits": self.head(h)}
+
+
+def test_wide_inputs_run_in_calls_of_a_few_members_with_the_same_result():
+    # 1100 rows per member: the automatic split runs the 5 members one per call.
+    module = TwoHeads()
+    noise, offsets, signs, center = _setup(module, rank=2, population=6)
+    members = torch.tensor([4, 0, 3, 1, 5])
+    x = torch.randn(5, 2, 550, 24)
+    policy = LowRankPolicy(module, center, noise, offsets, signs, 0.05, members)
+    assert policy._members_per_call([x]) == 1
+    auto = policy(x)
+    whole = LowRankPolicy(module, center, noise, offsets, signs, 0.05, members, members_per_call=5)(
+        x
+    )
+    for key in ("features", "logits"):
+        assert auto[key].shape == (5, 2, 550, 16 if key == "features" else 3)
+        assert torch.equal(auto[key], whole[key])
+    rows = noise.materialize(center, offsets, signs, 0.05, members)
+    for b in range(5):
+        load_flat(module, rows[b])
+        with torch.no_grad():
+            torch.testing.assert_close(auto["logits"][b], module(x[b])["logits"])
+    with pytest.raises(ValueError, match="members_per_call"):
+        LowRankPolicy(module, center, noise, offsets, signs, 0.05, members, members_per_call=0)
 
 
 def _explicit_sum(noise, offsets, signs, weights, scale):
