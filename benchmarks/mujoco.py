@@ -212,11 +212,12 @@ def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
 
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mujoco"
-#: --check's default tolerance, relative to the claimed return. On the kind of CPU that made a
-#: result the return comes out equal up to result.json's rounding (0.05); on another kind of
-#: CPU the physics and the policy's matrix products round differently, and over 1000 steps of
-#: chaotic dynamics that moves a stable gait's return by a little (a policy that flips in some
-#: episodes can move far more, which --check then reports).
+#: --check's default tolerance, relative to the claimed return. The evaluation pins the policy's
+#: arithmetic (evochi_torch.portable: the same actions on every CPU) and the physics is MuJoCo's
+#: own compiled code, so an x86 machine with the same mujoco wheel reproduces a claim up to
+#: result.json's rounding (0.05). Another MuJoCo build or architecture rounds the physics
+#: differently, and over 1000 steps of chaotic dynamics that moves a stable gait's return by a
+#: little (a gait that falls in some episodes can move far more, which --check then reports).
 TOLERANCE = 0.02
 
 
@@ -332,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "--tolerance",
         type=float,
         default=TOLERANCE,
-        help="--check's relative tolerance (default %(default)s: the same kind"
-        " of CPU reproduces a return exactly, another rounds differently)",
+        help="--check's relative tolerance (default %(default)s: the same mujoco build"
+        " reproduces a return exactly on any x86 CPU, another build rounds differently)",
     )
     args = parser.parse_args(argv)
     if args.check is not None:

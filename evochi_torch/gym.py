@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import portable
 from .codec import TorchESState
 from .population import PopulationPolicy, load_flat
 from .portable import column_sums
@@ -196,7 +197,16 @@ class PopulationActor:
 
 
 def module_actor(module: nn.Module) -> Actor:
-    """One policy (the center) for every row."""
+    """One policy (the center) for every row.
+
+    A stack of Linear/Tanh/ReLU layers (the default policies) runs in
+    :mod:`evochi_torch.portable`'s functions instead of torch's kernels: the same actions on
+    every CPU, so the evaluation episodes (the reported returns) and the statistics episodes
+    replay alike on every machine. Any other module runs as it is.
+    """
+    pinned = portable.sequential(module)
+    if pinned is not None:
+        return lambda rows, obs: pinned(obs)
 
     def act(rows: np.ndarray, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -479,11 +489,12 @@ class GymWorker(TorchESWorker):
         """`state` with its observation statistics updated from center-policy episodes.
 
         Every worker runs the same episodes (the new center, seeds from the state's epoch, on
-        the CPU whatever its device), so workers of one kind of machine compute bit-identical
-        statistics: nothing but the rewards crosses the wire, yet all workers normalise alike.
-        The episodes themselves follow the CPU (the physics and the policy's matrix products
-        round per SIMD path); a worker whose statistics come out different is caught by the
-        state digest and handed the training's state before it evaluates again.
+        the CPU whatever its device), so the workers compute bit-identical statistics: nothing
+        but the rewards crosses the wire, yet all workers normalise alike. The default
+        policies' actions are pinned (`module_actor`), so the episodes are the same on every
+        CPU as long as the simulator's are; a worker whose statistics still come out different
+        (another simulator build, a policy torch runs) is caught by the state digest and
+        handed the training's state before it evaluates again.
         """
         s = self.env_settings
         stats = ObsStats.from_tensors(state.extra_tensors)

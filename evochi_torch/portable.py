@@ -27,7 +27,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["column_sums", "exp", "log", "norm", "powi", "round32", "sqrt32"]
+__all__ = [
+    "column_sums",
+    "exp",
+    "linear",
+    "log",
+    "norm",
+    "powi",
+    "round32",
+    "sequential",
+    "sqrt32",
+    "tanh",
+]
 
 # ln 2 split so that k * _LN2_HI is exact for |k| < 2**11 (Cody and Waite).
 _LN2_HI = 6.93147180369123816490e-01
@@ -108,6 +119,68 @@ def _log(x: np.ndarray) -> np.ndarray:
     out = np.where(x == 0.0, -np.inf, out)
     out = np.where(x == np.inf, np.inf, out)
     return np.where((x < 0.0) | np.isnan(x), np.nan, out)
+
+
+def tanh(x: np.ndarray | float) -> np.ndarray:
+    """Hyperbolic tangent in float64, the same bits on every CPU.
+
+    ``1 - 2 / (e**(2|x|) + 1)`` with the sign of ``x``, and ``x - x**3 / 3`` below ``2**-13``
+    where that form would cancel: relative error below ``2**-39``, far below the float32
+    rounding of the activations it feeds.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    a = np.abs(x)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf: only the first form is kept
+        big = np.subtract(1.0, np.divide(2.0, np.add(exp(np.multiply(a, 2.0)), 1.0)))
+        small = np.subtract(a, np.divide(np.multiply(np.multiply(a, a), a), 3.0))
+    return np.copysign(np.where(a < 2.0**-13, small, big), x)
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight.T + bias`` of float32 arrays, as float32, the same bits on every CPU.
+
+    A BLAS orders a dot product's additions by the CPU's SIMD width. Here each product of two
+    float32 values is exact in float64 and the products of a row are added in
+    :func:`column_sums`'s fixed order, so a row's result depends neither on the CPU nor on the
+    other rows of the batch.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    rows = x.reshape(-1, x.shape[-1])
+    products = np.multiply(rows[:, None, :], w[None, :, :])  # [rows, out, in], exact
+    out = column_sums(products.reshape(-1, w.shape[1]).T).reshape(len(rows), w.shape[0])
+    if bias is not None:
+        out = np.add(out, np.asarray(bias, dtype=np.float64))
+    return out.astype(np.float32).reshape(*x.shape[:-1], w.shape[0])
+
+
+def sequential(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``module``'s forward pass on float32 arrays in the functions above (the same outputs on
+    every CPU) when it is an ``nn.Sequential`` of ``Linear``, ``Tanh``, ``ReLU`` and
+    ``Identity`` layers, like the policies of :class:`~evochi_torch.gym.GymWorker`; else None.
+    The parameters are copied: later changes to ``module`` do not reach the function."""
+    if not isinstance(module, torch.nn.Sequential):
+        return None
+    steps: list[Callable[[np.ndarray], np.ndarray]] = []
+    for layer in module:
+        if isinstance(layer, torch.nn.Linear):
+            w = layer.weight.detach().cpu().numpy().astype(np.float32)
+            b = None if layer.bias is None else layer.bias.detach().cpu().numpy().astype(np.float32)
+            steps.append(lambda h, w=w, b=b: linear(h, w, b))
+        elif isinstance(layer, torch.nn.Tanh):
+            steps.append(lambda h: tanh(h).astype(np.float32))
+        elif isinstance(layer, torch.nn.ReLU):
+            steps.append(lambda h: np.maximum(h, np.float32(0.0)))
+        elif not isinstance(layer, torch.nn.Identity):
+            return None
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        h = np.asarray(x, dtype=np.float32)
+        for step in steps:
+            h = step(h)
+        return h
+
+    return forward
 
 
 def powi(base: float, n: int) -> float:

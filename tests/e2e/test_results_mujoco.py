@@ -2,9 +2,10 @@
 evaluates, on the example's 10 fixed evaluation episodes, to the return that its result.json
 and its row of the generated table claim.
 
-On the kind of CPU that made a result the return comes out equal up to result.json's rounding;
-another kind of CPU rounds the physics and the policy's matrix products differently, so the
-comparison allows `benchmarks.mujoco.TOLERANCE` (relative), the tolerance `--check` uses.
+The evaluation pins the policy's arithmetic (the same actions on every CPU) and MuJoCo's
+physics is its wheel's compiled code, so the return comes out equal up to result.json's
+rounding; the comparison still allows `benchmarks.mujoco.TOLERANCE` (relative), the tolerance
+`--check` uses, for another MuJoCo build.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The update and the observation statistics give the same bits whatever code path the CPU,
-the BLAS or NumPy's SIMD dispatch takes, and the portable functions are accurate."""
+"""The update, the observation statistics and the MuJoCo evaluation episodes give the same bits
+whatever code path the CPU, the BLAS or NumPy's SIMD dispatch takes, and the portable functions
+are accurate."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def baseline() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("switch", sorted(SWITCHES))
-def test_every_strategy_and_the_obs_stats_give_the_same_bits_under(switch, baseline):
+def test_updates_statistics_and_evaluation_episodes_give_the_same_bits_under(switch, baseline):
     got = _digests(SWITCHES[switch])
     differing = sorted(k for k in baseline if got.get(k) != baseline[k])
     assert not differing, f"{switch}: {differing} changed their bits"
@@ -67,6 +68,48 @@ def test_exp_and_log_are_accurate_and_saturate_like_libm():
     np.testing.assert_array_equal(
         portable.log(np.array([0.0, -1.0, np.inf, np.nan])), [-np.inf, np.nan, np.inf, np.nan]
     )
+
+
+def test_tanh_is_accurate_odd_and_saturates():
+    x = np.concatenate([np.linspace(-25, 25, 20001), [1e-300, 3e-5, 2.0**-13, 0.01, np.inf]])
+    want = np.array([math.tanh(v) for v in x])
+    got = portable.tanh(x)
+    assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-300)) < 2.0**-39
+    assert np.array_equal(portable.tanh(-x), -got)
+    assert np.isnan(portable.tanh(np.nan)) and np.signbit(portable.tanh(-0.0))
+
+
+def test_linear_rows_do_not_depend_on_the_batch_and_match_float64():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 4, 37)).astype(np.float32)
+    w = rng.normal(size=(11, 37)).astype(np.float32)
+    b = rng.normal(size=11).astype(np.float32)
+    out = portable.linear(x, w, b)
+    assert out.dtype == np.float32 and out.shape == (6, 4, 11)
+    want = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    for i, j in ((0, 0), (5, 3), (2, 1)):
+        assert np.array_equal(portable.linear(x[i, j : j + 1], w, b)[0], out[i, j])
+    assert np.array_equal(portable.linear(x, w), portable.linear(x, w, np.zeros(11, np.float32)))
+
+
+def test_sequential_runs_linear_tanh_relu_stacks_and_declines_the_rest():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(9, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        torch.nn.Identity(), torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    forward = portable.sequential(mlp)
+    assert forward is not None
+    x = np.random.default_rng(1).normal(size=(5, 9)).astype(np.float32)
+    with torch.no_grad():
+        want = mlp(torch.from_numpy(x)).numpy()
+        out = forward(x)
+        mlp[0].weight.add_(1.0)  # a copy was taken: later changes do not reach it
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(forward(x), out)
+    assert portable.sequential(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.GELU())) is None
+    assert portable.sequential(torch.nn.Linear(3, 2)) is None
 
 
 def test_sqrt32_is_correctly_rounded():

@@ -1,4 +1,5 @@
-"""Prints a digest of every strategy's update and of the observation statistics, as JSON.
+"""Prints a digest of every strategy's update, of the observation statistics and of MuJoCo
+evaluation episodes, as JSON.
 
 Run in subprocesses under different math-library switches by test_portability.py: each line
 of numbers must come out the same whatever code path the CPU, BLAS or SIMD dispatch picks.
@@ -6,6 +7,7 @@ of numbers must come out the same whatever code path the CPU, BLAS or SIMD dispa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,7 +17,8 @@ import torch
 
 from evochi_torch import ESConfig
 from evochi_torch.functional import NoiseTable
-from evochi_torch.gym import ObsStats
+from evochi_torch.gym import GymSettings, GymWorker, ObsStats
+from evochi_torch.harness import attach_state, offline_worker
 from evochi_torch.strategies import STRATEGIES, ask, get_strategy
 
 P = 4099  # not a multiple of any SIMD width: every kernel runs its body and its tail
@@ -54,7 +57,32 @@ def stats_digest() -> str:
     return _digest(stats.mean, stats.var)
 
 
+class Cheetah(GymWorker):
+    settings = GymSettings("HalfCheetah-v5", hidden=(32, 32), episode_steps=300, eval_episodes=2)
+    default_config = ESConfig(population_size=4, sigma=0.1)
+
+
+def evaluation_digest() -> str:
+    """A statistics episode and two evaluation episodes of an MLP whose actions span the action
+    box: chaotic dynamics turn any rounding difference of the policy into other returns."""
+    worker = offline_worker(Cheetah)
+    state = worker.initialize()
+    # Not the initial center: torch's initialisation draws round per SIMD path.
+    center = np.random.default_rng(7).normal(0.0, 0.5, state.params.shape).astype(np.float32)
+    stats = ObsStats.initial(worker.dims[0]).to_tensors()
+    state = dataclasses.replace(
+        state, params=torch.from_numpy(center), extra_tensors={**state.extra_tensors, **stats}
+    )
+    state = worker.with_new_stats(state)
+    attach_state(worker, state)
+    result = worker.evaluate_episodes(worker.center_policy(), 2)
+    new_stats = worker.obs_stats
+    assert new_stats is not None and new_stats.count > 0
+    return _digest(new_stats.mean, new_stats.var, result.returns, result.lengths)
+
+
 if __name__ == "__main__":
     out = {name: strategy_digest(name) for name in sorted(STRATEGIES)}
     out["obs_stats"] = stats_digest()
+    out["evaluation"] = evaluation_digest()
     print(json.dumps(out))
