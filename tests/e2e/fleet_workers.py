@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 from toy_workers import ToyRegression
 
 from evochi_torch import ESConfig
@@ -67,3 +69,18 @@ class HopperLogsCenter(_LogsCenter, GymWorker):
 
     settings = GymSettings("Hopper-v5", hidden=(8,), episode_steps=80, eval_episodes=1)
     default_config = ESConfig(population_size=12, sigma=0.05, learning_rate=0.05, seed=1)
+
+
+class _OneUlpOff(gym.ObservationWrapper):
+    def observation(self, observation):
+        return np.nextafter(observation, np.inf)
+
+
+class HopperOtherSimulator(HopperLogsCenter):
+    """The same Hopper, but the fleet's worker with MKL_CBWR set stands for a machine with
+    another simulator build: its observations come out one ulp off, so its statistics
+    episodes differ from everyone else's."""
+
+    def make_env(self, render_mode=None):
+        env = super().make_env(render_mode)
+        return _OneUlpOff(env) if os.environ.get("MKL_CBWR") else env
