@@ -213,11 +213,12 @@ def table(runs_dir: Path, envs: list[str], strategies: list[str], seed: int,
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mujoco"
 #: --check's default tolerance, relative to the claimed return. The evaluation pins the policy's
-#: arithmetic (evochi_torch.portable: the same actions on every CPU) and the physics is MuJoCo's
-#: own compiled code, so an x86 machine with the same mujoco wheel reproduces a claim up to
-#: result.json's rounding (0.05). Another MuJoCo build or architecture rounds the physics
-#: differently, and over 1000 steps of chaotic dynamics that moves a stable gait's return by a
-#: little (a gait that falls in some episodes can move far more, which --check then reports).
+#: arithmetic (evochi_torch.portable: the same actions on every CPU), and the physics is MuJoCo's
+#: compiled code, whose calls into glibc's libm pick FMA variants by CPU: on an x86 CPU with FMA
+#: (every one with AVX2), the same mujoco wheel and glibc, a claim reproduces up to
+#: result.json's rounding (0.05). Another build rounds the physics differently, and over 1000
+#: steps of chaotic dynamics that moves a stable gait's return by a little (a gait that falls
+#: in some episodes can move far more, which --check then reports).
 TOLERANCE = 0.02
 
 
@@ -333,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tolerance",
         type=float,
         default=TOLERANCE,
-        help="--check's relative tolerance (default %(default)s: the same mujoco build"
-        " reproduces a return exactly on any x86 CPU, another build rounds differently)",
+        help="--check's relative tolerance (default %(default)s: the same mujoco wheel and"
+        " glibc reproduce a return exactly on any x86 CPU with FMA, another build rounds"
+        " differently)",
     )
     args = parser.parse_args(argv)
     if args.check is not None:

@@ -197,22 +197,25 @@ class PopulationActor:
 
 
 def module_actor(module: nn.Module) -> Actor:
-    """One policy (the center) for every row.
-
-    A stack of Linear/Tanh/ReLU layers (the default policies) runs in
-    :mod:`evochi_torch.portable`'s functions instead of torch's kernels: the same actions on
-    every CPU, so the evaluation episodes (the reported returns) and the statistics episodes
-    replay alike on every machine. Any other module runs as it is.
-    """
-    pinned = portable.sequential(module)
-    if pinned is not None:
-        return lambda rows, obs: pinned(obs)
+    """One policy (the center) for every row, run by torch."""
 
     def act(rows: np.ndarray, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(obs)).numpy()
 
     return act
+
+
+def pinned_actor(module: nn.Module) -> Actor:
+    """`module_actor` with the arithmetic pinned: a plain stack of Linear/Tanh/ReLU layers (the
+    default policies) runs in :mod:`evochi_torch.portable`'s functions, which give the same
+    actions on every CPU, so an evaluation episode replays alike on any machine with the same
+    simulator. Any other module runs in torch. About 5x torch's time for a small MLP: for
+    evaluation episodes, not for every epoch's statistics."""
+    forward = portable.sequential(module)
+    if forward is None:
+        return module_actor(module)
+    return lambda rows, obs: forward(obs)
 
 
 @dataclass
@@ -489,12 +492,11 @@ class GymWorker(TorchESWorker):
         """`state` with its observation statistics updated from center-policy episodes.
 
         Every worker runs the same episodes (the new center, seeds from the state's epoch, on
-        the CPU whatever its device), so the workers compute bit-identical statistics: nothing
-        but the rewards crosses the wire, yet all workers normalise alike. The default
-        policies' actions are pinned (`module_actor`), so the episodes are the same on every
-        CPU as long as the simulator's are; a worker whose statistics still come out different
-        (another simulator build, a policy torch runs) is caught by the state digest and
-        handed the training's state before it evaluates again.
+        the CPU whatever its device), so workers of one kind of machine compute bit-identical
+        statistics: nothing but the rewards crosses the wire, yet all workers normalise alike.
+        The episodes themselves follow the CPU (the physics and the policy's matrix products
+        round per SIMD path); a worker whose statistics come out different is caught by the
+        state digest and handed the training's state before it evaluates again.
         """
         s = self.env_settings
         stats = ObsStats.from_tensors(state.extra_tensors)
@@ -515,19 +517,21 @@ class GymWorker(TorchESWorker):
     def evaluate_episodes(self, policy: nn.Module, episodes: int) -> Rollouts:
         """The policy's true returns (no reward shift) on the fixed evaluation starts.
 
-        One episode at a time: a batched forward rounds differently for other batch sizes,
-        and chaotic dynamics (MuJoCo) would turn that into different returns. With
-        `vectorized`, all episodes at once (the same ones whatever the caller).
+        The actions are pinned (`pinned_actor`): the default policies give the same returns on
+        every CPU with the same simulator. One episode at a time: a policy torch runs rounds a
+        batched forward differently for other batch sizes, and chaotic dynamics (MuJoCo) would
+        turn that into different returns. With `vectorized`, all episodes at once (the same
+        ones whatever the caller).
         """
         if self.env_settings.vectorized:
             seeds = self.evaluation_seeds(episodes)
-            return self.vector_rollout(module_actor(policy), seeds, self.obs_stats)
+            return self.vector_rollout(pinned_actor(policy), seeds, self.obs_stats)
         env = self.make_env()
         seeds = self.evaluation_seeds(episodes)
         try:
             stats = self.obs_stats
             results = [
-                self.rollout([env], module_actor(policy), seeds[i : i + 1], stats)
+                self.rollout([env], pinned_actor(policy), seeds[i : i + 1], stats)
                 for i in range(episodes)
             ]
         finally:
@@ -581,7 +585,7 @@ class GymWorker(TorchESWorker):
         env = self.make_env(render_mode="rgb_array")
         stats = self.obs_stats
         normalize = stats.normalize if stats is not None else _as_float32
-        act = module_actor(policy)
+        act = pinned_actor(policy)
         obs, _ = env.reset(seed=int(self.evaluation_seeds(1)[0]))
         frames = [env.render()]
         for _ in range(self.episode_steps):

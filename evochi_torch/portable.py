@@ -12,8 +12,9 @@ path chosen by the CPU:
   them, with other rounding than their AVX2 kernels;
 * libm's ``pow`` and ``exp`` pick FMA variants at load time; summation order follows SIMD width.
 
-So the update uses only the functions below: compositions of correctly rounded basic
-operations in a fixed order (NumPy ufuncs apply one operation per call and never fuse), and
+So the update uses only the functions below, and so do the evaluation episodes of the default
+gymnasium policies (``linear``, ``tanh``, ``sequential``): compositions of correctly rounded
+basic operations in a fixed order (NumPy ufuncs apply one operation per call and never fuse), and
 ``math.fsum`` (exactly rounded). Transcendental functions are evaluated by range
 reduction and a polynomial, accurate to a few float64 ulp, which is far below the float32
 rounding of the state they feed.
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.nn.modules import module as _hooks
 
 __all__ = [
     "column_sums",
@@ -125,8 +127,8 @@ def tanh(x: np.ndarray | float) -> np.ndarray:
     """Hyperbolic tangent in float64, the same bits on every CPU.
 
     ``1 - 2 / (e**(2|x|) + 1)`` with the sign of ``x``, and ``x - x**3 / 3`` below ``2**-13``
-    where that form would cancel: relative error below ``2**-39``, far below the float32
-    rounding of the activations it feeds.
+    where that form would cancel: relative error about ``2**-39`` at most, far below the
+    float32 rounding of the activations it feeds.
     """
     x = np.asarray(x, dtype=np.float64)
     a = np.abs(x)
@@ -146,9 +148,12 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     """
     w = np.asarray(weight, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     products = np.multiply(rows[:, None, :], w[None, :, :])  # [rows, out, in], exact
-    out = column_sums(products.reshape(-1, w.shape[1]).T).reshape(len(rows), w.shape[0])
+    if w.shape[1] == 0:
+        out = np.zeros((len(rows), w.shape[0]))
+    else:
+        out = column_sums(products.reshape(-1, w.shape[1]).T).reshape(len(rows), w.shape[0])
     if bias is not None:
         out = np.add(out, np.asarray(bias, dtype=np.float64))
     return out.astype(np.float32).reshape(*x.shape[:-1], w.shape[0])
@@ -156,22 +161,29 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
 
 def sequential(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
     """``module``'s forward pass on float32 arrays in the functions above (the same outputs on
-    every CPU) when it is an ``nn.Sequential`` of ``Linear``, ``Tanh``, ``ReLU`` and
-    ``Identity`` layers, like the policies of :class:`~evochi_torch.gym.GymWorker`; else None.
-    The parameters are copied: later changes to ``module`` do not reach the function."""
-    if not isinstance(module, torch.nn.Sequential):
+    every CPU) when it is a plain ``nn.Sequential`` of plain float32 ``Linear``, ``Tanh``,
+    ``ReLU`` and ``Identity`` layers, like the policies of
+    :class:`~evochi_torch.gym.GymWorker`; else None: subclasses (they may override
+    ``forward``), forward hooks and other dtypes run only as torch runs them. The parameters
+    are copied: later changes to ``module`` do not reach the function."""
+    if type(module) is not torch.nn.Sequential or _hooked(module):
         return None
     steps: list[Callable[[np.ndarray], np.ndarray]] = []
     for layer in module:
-        if isinstance(layer, torch.nn.Linear):
-            w = layer.weight.detach().cpu().numpy().astype(np.float32)
-            b = None if layer.bias is None else layer.bias.detach().cpu().numpy().astype(np.float32)
+        kind = type(layer)
+        if _hooked(layer):
+            return None
+        if kind is torch.nn.Linear:
+            if any(p.dtype != torch.float32 for p in layer.parameters()):
+                return None
+            w = layer.weight.detach().cpu().numpy().copy()
+            b = None if layer.bias is None else layer.bias.detach().cpu().numpy().copy()
             steps.append(lambda h, w=w, b=b: linear(h, w, b))
-        elif isinstance(layer, torch.nn.Tanh):
+        elif kind is torch.nn.Tanh:
             steps.append(lambda h: tanh(h).astype(np.float32))
-        elif isinstance(layer, torch.nn.ReLU):
+        elif kind is torch.nn.ReLU:
             steps.append(lambda h: np.maximum(h, np.float32(0.0)))
-        elif not isinstance(layer, torch.nn.Identity):
+        elif kind is not torch.nn.Identity:
             return None
 
     def forward(x: np.ndarray) -> np.ndarray:
@@ -181,6 +193,11 @@ def sequential(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray] | 
         return h
 
     return forward
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    own = module._forward_hooks or module._forward_pre_hooks
+    return bool(own or _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks)
 
 
 def powi(base: float, n: int) -> float:

@@ -77,10 +77,10 @@ class _OneUlpOff(gym.ObservationWrapper):
 
 
 class HopperOtherSimulator(HopperLogsCenter):
-    """The same Hopper, but the fleet's worker with MKL_CBWR set stands for a machine with
-    another simulator build: its observations come out one ulp off, so its statistics
-    episodes differ from everyone else's."""
+    """The same Hopper, but a worker with $EVOCHI_OTHER_SIMULATOR set stands for a machine
+    with another simulator build: its observations come out one ulp off, so its statistics
+    episodes differ from everyone else's whatever the policy's arithmetic."""
 
     def make_env(self, render_mode=None):
         env = super().make_env(render_mode)
-        return _OneUlpOff(env) if os.environ.get("MKL_CBWR") else env
+        return _OneUlpOff(env) if os.environ.get("EVOCHI_OTHER_SIMULATOR") else env

@@ -3,9 +3,9 @@ evaluates, on the example's 10 fixed evaluation episodes, to the return that its
 and its row of the generated table claim.
 
 The evaluation pins the policy's arithmetic (the same actions on every CPU) and MuJoCo's
-physics is its wheel's compiled code, so the return comes out equal up to result.json's
-rounding; the comparison still allows `benchmarks.mujoco.TOLERANCE` (relative), the tolerance
-`--check` uses, for another MuJoCo build.
+physics is its wheel's compiled code (with glibc's FMA variants of libm on every x86 CPU with
+AVX2), so the return comes out equal up to result.json's rounding; the comparison still allows
+`benchmarks.mujoco.TOLERANCE` (relative), the tolerance `--check` uses, for another build.
 """
 
 from __future__ import annotations

@@ -112,6 +112,34 @@ def test_sequential_runs_linear_tanh_relu_stacks_and_declines_the_rest():
     assert portable.sequential(torch.nn.Linear(3, 2)) is None
 
 
+class Doubled(torch.nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Shifted(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 100
+
+
+def test_sequential_leaves_what_it_cannot_reproduce_to_torch():
+    # Each of these computes something else than its layers' plain forward passes.
+    assert portable.sequential(Doubled(torch.nn.Linear(3, 2))) is None
+    assert portable.sequential(torch.nn.Sequential(Shifted(3, 2))) is None
+    hooked = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    handle = hooked[1].register_forward_hook(lambda module, inputs, out: out * 0)
+    assert portable.sequential(hooked) is None
+    handle.remove()
+    assert portable.sequential(hooked) is not None
+    assert portable.sequential(torch.nn.Sequential(torch.nn.Linear(3, 2).double())) is None
+
+
+def test_linear_without_inputs_is_its_bias():
+    out = portable.linear(np.zeros((4, 0), np.float32), np.zeros((2, 0), np.float32),
+                          np.array([1.5, -2.0], np.float32))  # fmt: skip
+    assert out.tolist() == [[1.5, -2.0]] * 4
+
+
 def test_sqrt32_is_correctly_rounded():
     x = torch.rand(100_003, generator=torch.Generator().manual_seed(0)) * 50
     want = np.sqrt(x.numpy().astype(np.float64)).astype(np.float32)  # sqrt of a float32 in
