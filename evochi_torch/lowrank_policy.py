@@ -52,8 +52,8 @@ class LowRankPolicy:
         sigma: the perturbation scale (a float).
         members: int64 indices of the members to run.
         members_per_call: how many members one vmapped forward pass runs; ``None``: on a
-            CPU, as many as make about ``2048`` input rows (see ``_CPU_ROWS``), elsewhere
-            all of them. A member's output is the same for any value.
+            CPU, as many as make about 2048 input rows (the activations then stay in the
+            CPU's cache), elsewhere all of them. A member's output is the same for any value.
 
     ``policy(x)`` with ``x`` of shape ``[B, ...]`` runs row ``b`` with member ``members[b]``,
     like :class:`~evochi_torch.population.PopulationPolicy`.
@@ -181,9 +181,16 @@ class LowRankPolicy:
             return self.members_per_call
         if self.device.type != "cpu" or self._count == 0:
             return max(1, self._count)
-        rows = sum(
-            x[0].numel() // x.shape[-1] if x.is_floating_point() and x.dim() > 1 else x[0].numel()
-            for x in xs
+        # A float input's last dimension is its features; token ids are one row each. Inputs
+        # that travel together (ids and their mask) describe the same rows: the largest counts.
+        rows = max(
+            (
+                x[0].numel() // max(1, x.shape[-1])
+                if x.is_floating_point() and x.dim() > 1
+                else x[0].numel()
+                for x in xs
+            ),
+            default=1,
         )
         return max(1, _CPU_ROWS // max(1, rows))
 
