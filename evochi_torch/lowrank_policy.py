@@ -219,8 +219,8 @@ _WARNED: set[str] = set()
 # hidden layer, a member's own bias, layer-norm affine, activation and low-rank terms, each a
 # pass over memory the plain module fuses away) stay in the last-level cache at this size; all
 # members at once stream them through DRAM. Measured on a 19M-parameter transformer with 512
-# rows per member, 32 members on one thread: 0.74x of plain inference in one call, 0.90x in
-# calls of 4 members.
+# rows per member: 32 members on one thread, 0.74x of plain inference in one call, 0.90x in
+# calls of 4; 256 members on 2 threads in calls of 4, 1.00x (docs/lowrank.md).
 _CPU_ROWS = 2048
 
 # From this many rows per member the low-rank term is accumulated by a product (one pass over
