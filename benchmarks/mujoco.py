@@ -342,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check is not None:
         return check(args.check, args.results, args.tolerance)
     if not args.table:
-        bench(args.env, args.strategy, args.seed, args.env_steps, args.workers, args.runs_dir,
-              extra, command, args.limit_seconds)  # fmt: skip
+        try:
+            bench(args.env, args.strategy, args.seed, args.env_steps, args.workers,
+                  args.runs_dir, extra, command, args.limit_seconds)  # fmt: skip
+        except KeyboardInterrupt:  # no result is recorded; the trainer said what was kept
+            return 130
         return 0
     envs, strategies = args.envs.split(","), args.strategies.split(",")
     runs_dir = args.runs_dir / f"table-{args.env_steps}"

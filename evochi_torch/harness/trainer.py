@@ -222,6 +222,7 @@ class Trainer:
         self.run = run or RunConfig()
         self.worker_kwargs = dict(worker_kwargs or {})
         self.resumed: TorchESState | None = None
+        self._run_dir: RunDir | None = None
         self._check_placement()
         if self.run.resume is not None:
             self.resumed = RunDir(self.run.resume).load()
@@ -303,10 +304,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the training
     def fit(self) -> RunResult:
-        return asyncio.run(self.fit_async())
+        """Trains. On Ctrl-C the workers stop, a line on stderr says what the run directory
+        kept and how to continue, and ``KeyboardInterrupt`` propagates."""
+        try:
+            return asyncio.run(self.fit_async())
+        except KeyboardInterrupt:
+            print(self._interrupted(), file=sys.stderr)
+            raise
+
+    def _interrupted(self) -> str:
+        run_dir = self._run_dir
+        if run_dir is None or not run_dir.trained():
+            return "interrupted before the first checkpoint: nothing to resume"
+        epoch = run_dir.load().epoch
+        return (
+            f"interrupted; {run_dir.path}/ keeps the checkpoint of epoch {epoch}: continue "
+            f"with --run.resume {run_dir.path}"
+        )
 
     async def fit_async(self) -> RunResult:
         run_dir, created = self._open_run_dir()
+        self._run_dir = run_dir
         try:
             rows = self._write_record(run_dir)
             loggers = make_loggers(

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # e.g. a taken --run.run-dir: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer said what the run directory kept
+        return 130
     solved = result.stopped_by == "target"
     print(f"{'solved' if solved else 'not solved'} epoch={result.last['epoch']} "
           f"env_steps={result.last['env_steps']} seconds={result.last['seconds']:.2f} "

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer said what the run directory kept
+        return 130
     print(f"echo accuracy {result.last['center_score']:.4f} after {result.last['epoch']} epochs "
           f"({result.last['seconds']:.1f} s)")  # fmt: skip
     return 0

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # e.g. a taken --run.run-dir: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainer said what the run directory kept
+        return 130
     return 1 if result.crashed else 0
 
 

@@ -214,3 +214,32 @@ def test_a_worker_stops_promptly_in_the_middle_of_an_evaluation(tmp_path: Path) 
     finally:
         kill_all(workers)
     print(f"\nworker exit after SIGTERM mid-evaluation: {took:.2f} s (goal < 2 s)")
+
+
+def test_ctrl_c_on_an_example_says_how_to_resume_without_a_traceback(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with terminal_signals():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "examples.cartpole", "--run.target", "1e9",
+             "--run.max-epochs", "100000", "--run.checkpoint-every", "1",
+             "--run.run-dir", str(run_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        output = Lines(proc.stdout)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert output.seen("epoch    3", 60), "".join(output.lines)[-3000:]
+        workers = worker_pids(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+        asyncio.run(wait_until(lambda: not any(map(alive, workers)), 30, "workers to exit"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    text = "".join(output.lines)
+    assert code == 130, text[-3000:]
+    assert f"continue with --run.resume {run_dir}" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
