@@ -6,7 +6,8 @@ The update is CPU-independent, so for every strategy no worker ever needs repair
 GymWorker's observation statistics come from center episodes that each worker simulates
 itself (MuJoCo and the policy's matrix products round per CPU): there the state digest
 catches a worker whose statistics came out different, and its next task carries the
-training's state, so the centers still agree at every evaluation.
+training's state, so the centers still agree at every evaluation; a worker whose simulator
+differs (observations one ulp off) is repaired every epoch the same way.
 """
 
 from __future__ import annotations
@@ -95,20 +96,13 @@ def test_every_strategy_evaluates_around_one_center_on_a_mixed_fleet(strategy, t
 
 
 @pytest.mark.timeout(300)
-def test_gym_statistics_agree_at_every_evaluation_on_a_mixed_fleet(tmp_path):
+@pytest.mark.parametrize("worker", ["HopperLogsCenter", "HopperOtherSimulator"])
+def test_gym_statistics_agree_at_every_evaluation_on_a_mixed_fleet(worker, tmp_path):
     seen, repairs = asyncio.run(
-        train_fleet("fleet_workers:HopperLogsCenter", "openai_es", 12, 4, tmp_path / "logs")
+        train_fleet(f"fleet_workers:{worker}", "openai_es", 12, 4, tmp_path / "logs")
     )
     assert sorted(seen) == [0, 1, 2, 3]
     assert all(len(digests) == 1 for digests in seen.values()), seen
     print(f"repairs: {repairs}")
-
-
-@pytest.mark.timeout(300)
-def test_a_worker_with_other_statistics_is_repaired(tmp_path):
-    seen, repairs = asyncio.run(
-        train_fleet("fleet_workers:HopperOtherSimulator", "openai_es", 12, 4, tmp_path / "logs")
-    )
-    assert sorted(seen) == [0, 1, 2, 3]
-    assert all(len(digests) == 1 for digests in seen.values()), seen
-    assert repairs > 0
+    if worker == "HopperOtherSimulator":  # its observations are off on one worker
+        assert repairs > 0
