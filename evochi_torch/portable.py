@@ -148,15 +148,13 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     """
     w = np.asarray(weight, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
-    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    products = np.multiply(rows[:, None, :], w[None, :, :])  # [rows, out, in], exact
-    if w.shape[1] == 0:
-        out = np.zeros((len(rows), w.shape[0]))
-    else:
-        out = column_sums(products.reshape(-1, w.shape[1]).T).reshape(len(rows), w.shape[0])
+    n, (out_dim, in_dim) = math.prod(x.shape[:-1]), w.shape
+    products = np.multiply(x.reshape(n, 1, in_dim), w[None])  # [rows, out, in], exact
+    # No inputs: column_sums of no rows is zeros, the bias alone remains.
+    out = column_sums(products.reshape(n * out_dim, in_dim).T).reshape(n, out_dim)
     if bias is not None:
         out = np.add(out, np.asarray(bias, dtype=np.float64))
-    return out.astype(np.float32).reshape(*x.shape[:-1], w.shape[0])
+    return out.astype(np.float32).reshape(*x.shape[:-1], out_dim)
 
 
 def sequential(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray] | None:
