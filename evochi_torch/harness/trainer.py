@@ -313,12 +313,13 @@ class Trainer:
             raise
 
     def _interrupted(self) -> str:
+        # The training already checkpointed its last recorded epoch on the way out
+        # (`EpochBook.save_latest`): no need to read a large checkpoint back to name it.
         run_dir = self._run_dir
         if run_dir is None or not run_dir.trained():
-            return "interrupted before the first checkpoint: nothing to resume"
-        epoch = run_dir.load().epoch
+            return "interrupted before the first epoch: nothing to resume"
         return (
-            f"interrupted; {run_dir.path}/ keeps the checkpoint of epoch {epoch}: continue "
+            f"interrupted; {run_dir.path}/ keeps the checkpoint of its last epoch: continue "
             f"with --run.resume {run_dir.path}"
         )
 
